@@ -1,0 +1,64 @@
+# CredScope commands. `make run` and `make test` are the README's two set-up commands.
+PYTHON ?= python3.11
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(VENV)/bin/pip
+MODEL_DIR ?= models
+PORT   ?= 50051
+TELEMETRY_PORT ?= 9464
+PROTOS := $(wildcard proto/credscope/v1/*.proto)
+
+.PHONY: help venv install install-dev model run test proto proto-check buf-lint lint ci bench clean
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 14
+
+$(VENV)/bin/activate:
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+
+$(VENV)/.installed: $(VENV)/bin/activate setup.cfg pyproject.toml
+	$(PIP) install -q -e .
+	touch $@
+
+$(VENV)/.installed-dev: $(VENV)/.installed
+	$(PIP) install -q -e '.[dev]'
+	touch $@
+
+venv: $(VENV)/bin/activate  ## create the virtualenv
+
+install: $(VENV)/.installed  ## install the credscope distribution (editable)
+
+install-dev: $(VENV)/.installed-dev  ## install with the test and lint tools
+
+$(MODEL_DIR)/ACTIVE: | $(VENV)/.installed
+	$(VENV)/bin/credscope-train --model-dir $(MODEL_DIR)
+
+model: $(MODEL_DIR)/ACTIVE  ## build the model if it is missing (synthetic Home Credit-shaped data)
+
+run: install model  ## start the server on :$(PORT) with embedded backends
+	$(VENV)/bin/credscope-server --port $(PORT) --model-dir $(MODEL_DIR)
+
+test: install-dev  ## run the whole test suite
+	$(PY) -m pytest
+
+proto: install-dev  ## regenerate the committed Python stubs from proto/
+	$(PY) -m tools.protogen
+
+proto-check: install-dev  ## fail if the committed stubs are stale
+	$(PY) -m tools.protogen --check
+
+node_modules/.bin/buf: package.json
+	npm install --no-audit --no-fund --silent
+	touch $@
+
+buf-lint: node_modules/.bin/buf  ## buf lint (STANDARD + COMMENTS)
+	node_modules/.bin/buf lint
+
+lint: install-dev buf-lint  ## ruff and buf lint
+	$(VENV)/bin/ruff check server client telemetry tools tests
+
+ci: lint proto-check test  ## what .ci/run does
+
+clean:  ## remove the virtualenv and build leftovers
+	rm -rf $(VENV) build *.egg-info

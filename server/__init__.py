@@ -1,0 +1,1 @@
+"""The CredScope gRPC server: settings, interceptors, services, model runtime and backends."""

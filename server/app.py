@@ -1,0 +1,82 @@
+"""Server assembly: the grpc.aio server, its interceptor chain, servicers, health and reflection."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from credscope.v1 import admin_pb2, admin_pb2_grpc, scoring_pb2, scoring_pb2_grpc
+from server.interceptors.request_id import RequestIdInterceptor
+from server.runtime import Runtime
+from server.services.admin import AdminService
+from server.services.scoring import ScoringService
+from server.settings import Settings
+
+log = logging.getLogger("credscope.server")
+
+SCORING = scoring_pb2.DESCRIPTOR.services_by_name["ScoringService"].full_name
+ADMIN = admin_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name
+SERVED = (SCORING, ADMIN)
+
+
+def server_options(settings: Settings) -> list[tuple[str, int]]:
+    s = settings.server
+    return [
+        ("grpc.max_receive_message_length", s.max_message_bytes),
+        ("grpc.max_send_message_length", s.max_message_bytes),
+        ("grpc.max_concurrent_streams", s.max_concurrent_streams),
+        ("grpc.so_reuseport", 1 if s.workers > 1 else 0),
+    ]
+
+
+class CredScopeServer:
+    """One worker's server. ``start`` binds and serves (NOT_SERVING until the model is loaded)."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.runtime = Runtime(settings)
+        self.health = health.aio.HealthServicer()
+        self.server = grpc.aio.server(interceptors=self.interceptors(), options=server_options(settings))
+        scoring_pb2_grpc.add_ScoringServiceServicer_to_server(ScoringService(self.runtime, settings), self.server)
+        admin_pb2_grpc.add_AdminServiceServicer_to_server(AdminService(), self.server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection((*SERVED, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server)
+        self.port = 0
+        self.draining = False
+
+    def interceptors(self) -> list[grpc.aio.ServerInterceptor]:
+        return [RequestIdInterceptor(accepting=lambda: not self.draining)]
+
+    async def _set_health(self, status: health_pb2.HealthCheckResponse.ServingStatus.ValueType) -> None:
+        for name in ("", *SERVED):
+            await self.health.set(name, status)
+
+    async def start(self) -> int:
+        """Bind, serve, load the model, then report SERVING. Returns the bound port."""
+        s = self.settings.server
+        self.port = self.server.add_insecure_port(f"{s.host}:{s.port}")
+        if self.port == 0:
+            raise RuntimeError(f"could not bind {s.host}:{s.port}")
+        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        await self.server.start()
+        scorer = await asyncio.to_thread(self.runtime.load)
+        await self._set_health(health_pb2.HealthCheckResponse.SERVING)
+        log.info("serving model %s on %s:%d", scorer.version, s.host, self.port)
+        return self.port
+
+    async def stop(self, grace: float | None = None, drain: float | None = None) -> None:
+        """Report NOT_SERVING and answer new calls UNAVAILABLE for the drain period (calls in flight go on),
+        then stop, giving calls still in flight the grace period."""
+        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        self.draining = True
+        drain = self.settings.server.drain_seconds if drain is None else drain
+        if drain > 0:
+            await asyncio.sleep(drain)
+        await self.server.stop(self.settings.server.grace_seconds if grace is None else grace)
+
+    async def wait(self) -> None:
+        await self.server.wait_for_termination()

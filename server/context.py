@@ -1,0 +1,61 @@
+"""Per-call state shared by the interceptors and the servicers through one ContextVar.
+
+The outermost interceptor creates the :class:`RequestContext`; inner ones fill the principal and the
+rate-limit decision; servicers add what the audit needs; the audit interceptor reads it when the call
+ends. Handlers are ``async`` so that the ContextVar reaches them (grpc/grpc#37881).
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from contextvars import ContextVar
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(slots=True)
+class Principal:
+    """Who is calling: an API key's identity (never the key)."""
+
+    key_id: str
+    name: str
+    tier: str
+    admin: bool = False
+
+
+@dataclass(slots=True)
+class RequestContext:
+    """What one call carries through the chain."""
+
+    request_id: str
+    method: str
+    started: float = field(default_factory=time.perf_counter)
+    principal: Principal | None = None
+    response_metadata: dict[str, str] = field(default_factory=dict)
+    """Sent as initial metadata on success and as trailing metadata on error."""
+    audit: list[Any] = field(default_factory=list)
+    """Prediction records the servicer leaves for the audit interceptor."""
+    error: str | None = None
+    """Name of the status code the call ended with, when it failed."""
+
+    def elapsed_ms(self) -> float:
+        return (time.perf_counter() - self.started) * 1000.0
+
+
+_current: ContextVar[RequestContext | None] = ContextVar("credscope_request", default=None)
+
+
+def current() -> RequestContext | None:
+    """The context of the call being handled, if any."""
+    return _current.get()
+
+
+def begin(request_id: str, method: str) -> RequestContext:
+    ctx = RequestContext(request_id=request_id, method=method)
+    _current.set(ctx)
+    return ctx
+
+
+def new_request_id() -> str:
+    return str(uuid.uuid4())

@@ -1,0 +1,81 @@
+"""Converters between the protobuf API and the scoring domain (no grpc here, only messages)."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+from google.protobuf import timestamp_pb2
+
+from credscope.v1 import applicant_pb2, scoring_pb2
+from server.errors import Violation
+from server.schema import COLUMNS, Column
+from server.scoring import ScoreResult
+
+DECISION = {name: scoring_pb2.Decision.Value(f"DECISION_{name}") for name in ("APPROVE", "REVIEW", "REJECT")}
+RISK_LEVEL = {name: scoring_pb2.RiskLevel.Value(f"RISK_LEVEL_{name}")
+              for name in ("VERY_LOW", "LOW", "MEDIUM", "HIGH", "VERY_HIGH")}
+DECISION_NAME = {v: k for k, v in DECISION.items()}
+
+_PRESENCE = {f.name for f in applicant_pb2.Applicant.DESCRIPTOR.fields if f.has_presence}
+
+
+def _spec(col: Column) -> tuple[str, str, bool, Column]:
+    return col.field, col.kind, col.field in _PRESENCE, col
+
+
+_SPECS = tuple(_spec(c) for c in COLUMNS)
+NAN = math.nan
+
+
+def applicant_to_row(applicant: applicant_pb2.Applicant, path: str = "applicant") -> tuple[list[float], list[Violation]]:
+    """Encode an applicant as the model's raw input row (NaN for missing) and list every invalid field."""
+    row: list[float] = []
+    violations: list[Violation] = []
+    for field, kind, has_presence, col in _SPECS:
+        if has_presence:
+            if not applicant.HasField(field):
+                row.append(NAN)
+                continue
+            value = float(getattr(applicant, field))
+        else:
+            raw = getattr(applicant, field)
+            if kind == "categorical":
+                if raw == 0:
+                    row.append(NAN)
+                    continue
+                value = float(raw - 1)
+            elif raw == 0:
+                if col.required:
+                    violations.append(Violation(f"{path}.{field}", f"is required: {col.description}"))
+                row.append(NAN)
+                continue
+            else:
+                value = float(raw)
+        problem = col.check(value)
+        if problem:
+            violations.append(Violation(f"{path}.{field}", problem))
+        row.append(value)
+    return row, violations
+
+
+def timestamp(now: float) -> timestamp_pb2.Timestamp:
+    ts = timestamp_pb2.Timestamp()
+    ts.FromNanoseconds(int(now * 1e9))
+    return ts
+
+
+def fill_prediction(msg: Any, result: ScoreResult, request_id: str, from_cache: bool) -> None:
+    """Fill the prediction fields shared by ScoreResponse and Prediction."""
+    msg.default_probability = result.probability
+    msg.decision = DECISION[result.decision]
+    msg.risk_level = RISK_LEVEL[result.risk_level]
+    msg.confidence = result.confidence
+    msg.model_version = result.model_version
+    msg.request_id = request_id
+    msg.from_cache = from_cache
+
+
+def rows_to_matrix(rows: list[list[float]]) -> np.ndarray:
+    return np.asarray(rows, dtype=np.float32).reshape(len(rows), len(COLUMNS))

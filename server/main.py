@@ -1,0 +1,78 @@
+"""``credscope-server``: run the CredScope gRPC server."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+from pathlib import Path
+
+from server.app import CredScopeServer
+from server.model import ModelNotFoundError
+from server.settings import Settings
+
+log = logging.getLogger("credscope.server")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="credscope-server",
+        description="Run the CredScope gRPC scoring server. Every setting can also be given as a "
+                    "CREDSCOPE_* environment variable (e.g. CREDSCOPE_SERVER__PORT=50051); flags win.")
+    p.add_argument("--host", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, help="gRPC port (default 50051; 0 picks a free one)")
+    p.add_argument("--model-dir", type=Path, help="model store folder (default ./models)")
+    p.add_argument("--model-version", help="model version to serve (default: the store's ACTIVE one)")
+    p.add_argument("--log-level", help="DEBUG, INFO, WARNING or ERROR (default INFO)")
+    return p.parse_args(argv)
+
+
+def build_settings(args: argparse.Namespace) -> Settings:
+    settings = Settings()
+    if args.host:
+        settings.server.host = args.host
+    if args.port is not None:
+        settings.server.port = args.port
+    if args.model_dir:
+        settings.model.model_dir = args.model_dir
+    if args.model_version:
+        settings.model.version = args.model_version
+    if args.log_level:
+        settings.log_level = args.log_level.upper()
+    return settings
+
+
+async def serve(settings: Settings) -> None:
+    server = CredScopeServer(settings)
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stopping.set)
+    await server.start()
+    print(f"CredScope listening on {settings.server.host}:{server.port} "
+          f"(model {server.runtime.scorer.version}); Ctrl-C or SIGTERM stops it", flush=True)
+    await stopping.wait()
+    log.info("shutting down: finishing calls in flight (grace %.1fs)", settings.server.grace_seconds)
+    await server.stop()
+    log.info("stopped")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    settings = build_settings(args)
+    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    try:
+        asyncio.run(serve(settings))
+    except ModelNotFoundError as e:
+        print(f"credscope-server: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        print(f"credscope-server: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

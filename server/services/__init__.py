@@ -1,0 +1,1 @@
+"""Servicers: thin adapters, protobuf in -> domain call -> protobuf out."""

@@ -1,0 +1,120 @@
+"""ScoringService: Score, BatchScore, GetModelInfo, ReportOutcome."""
+
+from __future__ import annotations
+
+import time
+
+import grpc
+
+from credscope.v1 import scoring_pb2, scoring_pb2_grpc
+from server import context as rc
+from server.convert import applicant_to_row, fill_prediction, rows_to_matrix, timestamp
+from server.errors import InvalidArgument, Unimplemented, Violation
+from server.interceptors.request_id import REQUEST_ID_HELP, valid_request_id
+from server.model import list_versions, read_metadata
+from server.runtime import Runtime
+from server.settings import Settings
+
+
+def _request_id(given: str, field: str = "request_id") -> str:
+    """The caller's request id from the message, else the call's (metadata or new)."""
+    if given:
+        if not valid_request_id(given):
+            raise InvalidArgument(f"{field} is not a valid request id", [Violation(field, REQUEST_ID_HELP)])
+        ctx = rc.current()
+        if ctx is not None:
+            ctx.request_id = given
+            ctx.response_metadata["x-request-id"] = given
+        return given
+    ctx = rc.current()
+    return ctx.request_id if ctx else rc.new_request_id()
+
+
+class ScoringService(scoring_pb2_grpc.ScoringServiceServicer):
+    def __init__(self, runtime: Runtime, settings: Settings) -> None:
+        self.runtime = runtime
+        self.settings = settings
+
+    async def Score(self, request: scoring_pb2.ScoreRequest, context: grpc.aio.ServicerContext
+                    ) -> scoring_pb2.ScoreResponse:
+        started = time.perf_counter()
+        request_id = _request_id(request.request_id)
+        if not request.HasField("applicant"):
+            raise InvalidArgument("applicant is required", [Violation("applicant", "set the applicant to score")])
+        row, violations = applicant_to_row(request.applicant)
+        if violations:
+            raise InvalidArgument(f"applicant has {len(violations)} invalid field(s)", violations)
+        scorer = self.runtime.scorer
+        result = scorer.score(rows_to_matrix([row]))[0]
+        response = scoring_pb2.ScoreResponse()
+        fill_prediction(response, result, request_id, from_cache=False)
+        response.timestamp.CopyFrom(timestamp(time.time()))
+        response.processing_time_ms = (time.perf_counter() - started) * 1000.0
+        return response
+
+    async def BatchScore(self, request: scoring_pb2.BatchScoreRequest, context: grpc.aio.ServicerContext
+                         ) -> scoring_pb2.BatchScoreResponse:
+        started = time.perf_counter()
+        request_id = _request_id(request.request_id)
+        n = len(request.applicants)
+        limit = self.settings.server.max_batch_size
+        if n == 0:
+            raise InvalidArgument("applicants is empty", [Violation("applicants", "send at least one applicant")])
+        if n > limit:
+            raise InvalidArgument(f"batch of {n} applicants is over the limit of {limit}", [
+                Violation("applicants", f"send at most {limit} applicants per call; split the batch")])
+        response = scoring_pb2.BatchScoreResponse(request_id=request_id)
+        rows, positions = [], []
+        for i, applicant in enumerate(request.applicants):
+            row, violations = applicant_to_row(applicant, f"applicants[{i}]")
+            result = response.results.add(index=i)
+            if violations:
+                err = result.error
+                err.code = grpc.StatusCode.INVALID_ARGUMENT.value[0]
+                err.message = f"applicant {i} has {len(violations)} invalid field(s)"
+                for v in violations:
+                    err.field_violations.add(field=v.field, description=v.description)
+            else:
+                rows.append(row)
+                positions.append(i)
+        scorer = self.runtime.scorer
+        response.model_version = scorer.version
+        for i, res in zip(positions, scorer.score(rows_to_matrix(rows)) if rows else [], strict=True):
+            fill_prediction(response.results[i].prediction, res, f"{request_id}/{i}", from_cache=False)
+        response.timestamp.CopyFrom(timestamp(time.time()))
+        response.processing_time_ms = (time.perf_counter() - started) * 1000.0
+        return response
+
+    async def GetModelInfo(self, request: scoring_pb2.GetModelInfoRequest, context: grpc.aio.ServicerContext
+                           ) -> scoring_pb2.GetModelInfoResponse:
+        model = self.runtime.scorer.model
+        meta = model.metadata
+        policy = self.runtime.scorer.policy
+        response = scoring_pb2.GetModelInfoResponse(
+            model_version=model.version,
+            input_features=[c["name"] for c in meta.get("columns", [])],
+            model_features=list(meta.get("features", [])),
+            policy=scoring_pb2.DecisionPolicy(approve_below=policy.approve_below, review_below=policy.review_below),
+            metrics={k: float(v) for k, v in meta.get("metrics", {}).items() if isinstance(v, int | float)},
+            training_source=str(meta.get("training", {}).get("source", "")),
+        )
+        _set_time(response.created_at, meta.get("created_at"))
+        model_dir = self.settings.model.model_dir
+        for version in list_versions(model_dir):
+            other = read_metadata(model_dir, version)
+            mv = response.versions.add(version=version, active=version == model.version,
+                                       roc_auc=float(other.get("metrics", {}).get("roc_auc", 0.0)))
+            _set_time(mv.created_at, other.get("created_at"))
+        return response
+
+    async def ReportOutcome(self, request: scoring_pb2.ReportOutcomeRequest, context: grpc.aio.ServicerContext
+                            ) -> scoring_pb2.ReportOutcomeResponse:
+        raise Unimplemented("ReportOutcome needs the audit trail, which this server does not have yet")
+
+
+def _set_time(ts, iso: str | None) -> None:  # type: ignore[no-untyped-def]
+    if iso:
+        try:
+            ts.FromJsonString(iso if iso.endswith("Z") else iso.replace("+00:00", "Z"))
+        except ValueError:
+            pass

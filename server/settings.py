@@ -1,0 +1,104 @@
+"""Server settings: one pydantic-settings object, read from ``CREDSCOPE_*`` environment variables.
+
+Nested groups use ``__`` in variable names, e.g. ``CREDSCOPE_SERVER__PORT=50051`` or
+``CREDSCOPE_RATE_LIMIT__PRO_PER_HOUR=2000``. Built once in ``server.main`` and passed to constructors;
+nothing else reads the environment.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class ServerSettings(BaseModel):
+    """Transport and process settings."""
+
+    host: str = Field("127.0.0.1", description="Address to listen on ('0.0.0.0' or '[::]' for all interfaces).")
+    port: int = Field(50051, ge=0, le=65535, description="gRPC port; 0 picks a free one.")
+    workers: int = Field(1, ge=1, le=64, description="Worker processes sharing the port (SO_REUSEPORT).")
+    max_message_bytes: int = Field(16 * 1024 * 1024, ge=1024,
+                                   description="Largest request or response message accepted, in bytes.")
+    max_batch_size: int = Field(1000, ge=1, le=100_000, description="Most applicants in one BatchScore call.")
+    max_concurrent_streams: int = Field(256, ge=1, description="Concurrent calls per HTTP/2 connection.")
+    drain_seconds: float = Field(1.0, ge=0, description="On SIGTERM, how long the server reports NOT_SERVING and "
+                                 "answers new calls UNAVAILABLE (so clients and balancers move on) before it stops.")
+    grace_seconds: float = Field(10.0, ge=0, description="On SIGTERM, time given to calls in flight.")
+
+
+class ModelSettings(BaseModel):
+    """Which model serves."""
+
+    model_dir: Path = Field(Path("models"), description="Model store: <dir>/<version>/model.onnx + ACTIVE file.")
+    version: str | None = Field(None, description="Version to serve; the store's ACTIVE one when unset.")
+    intra_op_threads: int = Field(1, ge=0, description="onnxruntime intra-op threads (0 = onnxruntime's choice).")
+
+
+class AuthSettings(BaseModel):
+    """API-key authentication."""
+
+    allow_anonymous: bool = Field(False, description="Dev mode: accept calls without a key as the free tier.")
+    key_store_url: str = Field("sqlite:///credscope.db",
+                               description="Key store: sqlite:///path or postgresql://user@host/db.")
+    key_cache_seconds: float = Field(5.0, ge=0, description="How long a worker trusts a looked-up key.")
+
+
+class RateLimitSettings(BaseModel):
+    """Token-bucket rate limits per API key."""
+
+    enabled: bool = Field(True, description="Apply rate limits.")
+    free_per_hour: int = Field(100, ge=1, description="Calls an hour for the free tier.")
+    pro_per_hour: int = Field(1000, ge=1, description="Calls an hour for the pro tier.")
+    enterprise_per_hour: int = Field(10000, ge=1, description="Calls an hour for the enterprise tier.")
+    redis_url: str | None = Field(None, description="Redis for shared buckets; in-process when unset.")
+
+
+class CacheSettings(BaseModel):
+    """Prediction and explanation caches."""
+
+    enabled: bool = Field(True, description="Use the caches.")
+    redis_url: str | None = Field(None, description="Redis URL; the embedded LRU when unset.")
+    key_prefix: str = Field("credscope:", description="Prefix of every Redis key.")
+    prediction_max_items: int = Field(10_000, ge=1, description="Prediction cache size (embedded).")
+    prediction_ttl_seconds: float = Field(1800, gt=0, description="Prediction cache TTL.")
+    explanation_max_items: int = Field(5_000, ge=1, description="Explanation cache size (embedded).")
+    explanation_ttl_seconds: float = Field(7200, gt=0, description="Explanation cache TTL.")
+    timeout_seconds: float = Field(0.05, gt=0, description="Redis call timeout; past it the call goes uncached.")
+
+
+class AuditSettings(BaseModel):
+    """Audit trail."""
+
+    enabled: bool = Field(True, description="Record every call.")
+    url: str = Field("sqlite:///credscope.db", description="sqlite:///path or postgresql://user@host/db.")
+    durability: Literal["async", "sync"] = Field("async",
+                                                 description="sync answers only after the record is committed.")
+    batch_size: int = Field(500, ge=1, description="Records per write.")
+    flush_seconds: float = Field(0.2, gt=0, description="Longest a record waits before it is written.")
+    spool_dir: Path = Field(Path("spool"), description="Where batches wait while the database is down.")
+
+
+class TelemetrySettings(BaseModel):
+    """Metrics and traces."""
+
+    metrics_dir: Path | None = Field(None, description="prometheus-client multiprocess directory; off when unset.")
+    otlp_endpoint: str | None = Field(None, description="OTLP/gRPC endpoint for traces; off when unset.")
+    service_name: str = Field("credscope", description="OpenTelemetry service.name.")
+
+
+class Settings(BaseSettings):
+    """All CredScope server settings."""
+
+    model_config = SettingsConfigDict(env_prefix="CREDSCOPE_", env_nested_delimiter="__", extra="ignore")
+
+    server: ServerSettings = ServerSettings()
+    model: ModelSettings = ModelSettings()
+    auth: AuthSettings = AuthSettings()
+    rate_limit: RateLimitSettings = RateLimitSettings()
+    cache: CacheSettings = CacheSettings()
+    audit: AuditSettings = AuditSettings()
+    telemetry: TelemetrySettings = TelemetrySettings()
+    log_level: str = Field("INFO", description="Logging level.")

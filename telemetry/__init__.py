@@ -1,0 +1,1 @@
+"""The telemetry sidecar: metrics, traces, drift, performance, alerts."""

@@ -1,0 +1,125 @@
+"""Shared fixtures: a small model built once per run, a real server process, and the networked services.
+
+Redis and PostgreSQL fixtures give each test run its own key prefix and its own database, and clean up.
+When a service is unreachable the tests that need it skip locally, with the reason, and FAIL under
+``CI=true`` (CI provides both services).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from urllib.parse import urlparse
+
+import pytest
+
+from tests.helpers import ServerProcess, start_server
+
+REDIS_URL = os.environ.get("CREDSCOPE_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+POSTGRES_ADMIN_DSN = os.environ.get("CREDSCOPE_TEST_POSTGRES_DSN", "postgresql://postgres@127.0.0.1:5432/postgres")
+RUN_ID = uuid.uuid4().hex[:10]
+
+
+def require_service(name: str, problem: str) -> None:
+    """Fail under CI, skip locally: a test that needs ``name`` cannot run."""
+    if os.environ.get("CI"):
+        pytest.fail(f"{name} is required under CI=true but unreachable: {problem}")
+    pytest.skip(f"{name} unreachable ({problem}); start it to run this test")
+
+
+def _tcp_reachable(url: str, default_port: int) -> str | None:
+    u = urlparse(url)
+    try:
+        with socket.create_connection((u.hostname or "127.0.0.1", u.port or default_port), timeout=2):
+            return None
+    except OSError as e:
+        return f"{u.hostname}:{u.port or default_port}: {e}"
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small model (synthetic data, fixed seed) in a fresh model store, built once per run."""
+    from tools.train import train
+
+    out = tmp_path_factory.mktemp("models")
+    train(model_dir=out, rows=20_000, seed=7, n_estimators=80, quiet=True)
+    return out
+
+
+@pytest.fixture(scope="session")
+def model(model_dir: Path):  # type: ignore[no-untyped-def]
+    from server.model import load_model
+
+    return load_model(model_dir)
+
+
+@pytest.fixture(scope="session")
+def server(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    """A credscope-server process on loopback with embedded defaults, shared by the session's tests."""
+    work = tmp_path_factory.mktemp("server")
+    sp = start_server(model_dir, cwd=work, env={"CREDSCOPE_AUTH__ALLOW_ANONYMOUS": "true"})
+    yield sp
+    sp.stop()
+
+
+@pytest.fixture()
+def client(server: ServerProcess):  # type: ignore[no-untyped-def]
+    from client import CredScopeClient
+
+    with CredScopeClient(server.target, timeout=10) as c:
+        yield c
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> str:
+    """URL of the test Redis (fails under CI when unreachable)."""
+    problem = _tcp_reachable(REDIS_URL, 6379)
+    if problem:
+        require_service("Redis", problem)
+    return REDIS_URL
+
+
+@pytest.fixture()
+def redis_prefix(redis_url: str) -> Iterator[str]:
+    """A key prefix of this test's own; every key under it is deleted afterwards."""
+    import redis
+
+    prefix = f"credscope-test:{RUN_ID}:{uuid.uuid4().hex[:8]}:"
+    yield prefix
+    r = redis.Redis.from_url(redis_url)
+    try:
+        keys = list(r.scan_iter(match=f"{prefix}*", count=1000))
+        if keys:
+            r.delete(*keys)
+    finally:
+        r.close()
+
+
+@pytest.fixture()
+def postgres_dsn() -> Iterator[str]:
+    """DSN of a fresh PostgreSQL database of this test's own, dropped afterwards."""
+    problem = _tcp_reachable(POSTGRES_ADMIN_DSN, 5432)
+    if problem:
+        require_service("PostgreSQL", problem)
+    import asyncpg
+
+    name = f"credscope_test_{RUN_ID}_{uuid.uuid4().hex[:8]}"
+
+    async def admin(sql: str) -> None:
+        conn = await asyncpg.connect(POSTGRES_ADMIN_DSN)
+        try:
+            await conn.execute(sql)
+        finally:
+            await conn.close()
+
+    try:
+        asyncio.run(admin(f'CREATE DATABASE "{name}"'))
+    except Exception as e:  # noqa: BLE001
+        require_service("PostgreSQL", f"cannot create a test database: {e}")
+    u = urlparse(POSTGRES_ADMIN_DSN)
+    yield u._replace(path=f"/{name}").geturl()
+    asyncio.run(admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))

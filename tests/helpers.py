@@ -1,0 +1,75 @@
+"""Test helpers: start a real credscope-server process on loopback and stop it by its pid."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+LISTEN_RE = re.compile(r"CredScope listening on (\S+):(\d+)")
+
+
+@dataclass
+class ServerProcess:
+    proc: subprocess.Popen[str]
+    port: int
+    output: list[str] = field(default_factory=list)
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 20.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=5)
+        return self.proc.returncode
+
+    def log(self) -> str:
+        return "".join(self.output)
+
+
+def start_server(model_dir: Path, *, env: Mapping[str, str] | None = None, args: list[str] | None = None,
+                 cwd: Path | None = None, timeout: float = 60.0) -> ServerProcess:
+    """Start ``credscope-server`` on 127.0.0.1 with a free port; return once it listens and serves."""
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("CREDSCOPE_")}
+    full_env.update({"PYTHONUNBUFFERED": "1", "PYTHONPATH": str(ROOT)})
+    full_env.update(env or {})
+    cmd = [sys.executable, "-m", "server.main", "--host", "127.0.0.1", "--port", "0",
+           "--model-dir", str(model_dir), *(args or [])]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=full_env,
+                            cwd=str(cwd or ROOT))
+    sp = ServerProcess(proc, 0)
+    found = threading.Event()
+
+    def pump() -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            sp.output.append(line)
+            m = LISTEN_RE.search(line)
+            if m and not found.is_set():
+                sp.port = int(m.group(2))
+                found.set()
+        found.set()
+
+    threading.Thread(target=pump, daemon=True).start()
+    deadline = time.monotonic() + timeout
+    while not found.wait(0.1):
+        if time.monotonic() > deadline:
+            sp.stop(signal.SIGKILL)
+            raise TimeoutError(f"server did not start in {timeout}s:\n{sp.log()}")
+    if sp.port == 0:
+        raise RuntimeError(f"server exited with {proc.wait()}:\n{sp.log()}")
+    return sp
