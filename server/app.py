@@ -10,6 +10,8 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from credscope.v1 import admin_pb2, admin_pb2_grpc, scoring_pb2, scoring_pb2_grpc
+from server.audit.writer import AuditWriter
+from server.interceptors.audit import AuditInterceptor
 from server.interceptors.request_id import RequestIdInterceptor
 from server.runtime import Runtime
 from server.services.admin import AdminService
@@ -39,17 +41,21 @@ class CredScopeServer:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.runtime = Runtime(settings)
+        self.audit = AuditWriter(settings.audit) if settings.audit.enabled else None
         self.health = health.aio.HealthServicer()
         self.server = grpc.aio.server(interceptors=self.interceptors(), options=server_options(settings))
-        scoring_pb2_grpc.add_ScoringServiceServicer_to_server(ScoringService(self.runtime, settings), self.server)
-        admin_pb2_grpc.add_AdminServiceServicer_to_server(AdminService(), self.server)
+        scoring_pb2_grpc.add_ScoringServiceServicer_to_server(ScoringService(self.runtime, settings, audit=self.audit), self.server)
+        admin_pb2_grpc.add_AdminServiceServicer_to_server(AdminService(audit=self.audit), self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection((*SERVED, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server)
         self.port = 0
         self.draining = False
 
     def interceptors(self) -> list[grpc.aio.ServerInterceptor]:
-        return [RequestIdInterceptor(accepting=lambda: not self.draining)]
+        chain: list[grpc.aio.ServerInterceptor] = [RequestIdInterceptor(accepting=lambda: not self.draining)]
+        if self.audit is not None:
+            chain.append(AuditInterceptor(self.audit))
+        return chain
 
     async def _set_health(self, status: health_pb2.HealthCheckResponse.ServingStatus.ValueType) -> None:
         for name in ("", *SERVED):
@@ -62,6 +68,8 @@ class CredScopeServer:
         if self.port == 0:
             raise RuntimeError(f"could not bind {s.host}:{s.port}")
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        if self.audit is not None:
+            await self.audit.start()  # applies the migrations; spools (and says so) if the database is down
         await self.server.start()
         scorer = await asyncio.to_thread(self.runtime.load)
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
@@ -77,6 +85,8 @@ class CredScopeServer:
         if drain > 0:
             await asyncio.sleep(drain)
         await self.server.stop(self.settings.server.grace_seconds if grace is None else grace)
+        if self.audit is not None:
+            await self.audit.close()  # drain: every queued record is written or spooled before exit
 
     async def wait(self) -> None:
         await self.server.wait_for_termination()

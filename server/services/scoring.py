@@ -8,11 +8,14 @@ import grpc
 
 from credscope.v1 import scoring_pb2, scoring_pb2_grpc
 from server import context as rc
+from server.audit.records import audit_prediction
+from server.audit.writer import AuditWriter
 from server.convert import applicant_to_row, fill_prediction, rows_to_matrix, timestamp
-from server.errors import InvalidArgument, Unimplemented, Violation
+from server.errors import InvalidArgument, Violation
 from server.interceptors.request_id import REQUEST_ID_HELP, valid_request_id
 from server.model import list_versions, read_metadata
 from server.runtime import Runtime
+from server.services.audit import report_outcome, result_of
 from server.settings import Settings
 
 
@@ -31,9 +34,10 @@ def _request_id(given: str, field: str = "request_id") -> str:
 
 
 class ScoringService(scoring_pb2_grpc.ScoringServiceServicer):
-    def __init__(self, runtime: Runtime, settings: Settings) -> None:
+    def __init__(self, runtime: Runtime, settings: Settings, *, audit: AuditWriter | None = None) -> None:
         self.runtime = runtime
         self.settings = settings
+        self.audit = audit
 
     async def Score(self, request: scoring_pb2.ScoreRequest, context: grpc.aio.ServicerContext
                     ) -> scoring_pb2.ScoreResponse:
@@ -50,6 +54,7 @@ class ScoringService(scoring_pb2_grpc.ScoringServiceServicer):
         fill_prediction(response, result, request_id, from_cache=False)
         response.timestamp.CopyFrom(timestamp(time.time()))
         response.processing_time_ms = (time.perf_counter() - started) * 1000.0
+        audit_prediction(request_id, row, result, response.processing_time_ms, from_cache=response.from_cache)
         return response
 
     async def BatchScore(self, request: scoring_pb2.BatchScoreRequest, context: grpc.aio.ServicerContext
@@ -83,6 +88,9 @@ class ScoringService(scoring_pb2_grpc.ScoringServiceServicer):
             fill_prediction(response.results[i].prediction, res, f"{request_id}/{i}", from_cache=False)
         response.timestamp.CopyFrom(timestamp(time.time()))
         response.processing_time_ms = (time.perf_counter() - started) * 1000.0
+        for i, row in zip(positions, rows, strict=True):
+            p = response.results[i].prediction
+            audit_prediction(p.request_id, row, result_of(p), response.processing_time_ms, from_cache=p.from_cache)
         return response
 
     async def GetModelInfo(self, request: scoring_pb2.GetModelInfoRequest, context: grpc.aio.ServicerContext
@@ -109,7 +117,7 @@ class ScoringService(scoring_pb2_grpc.ScoringServiceServicer):
 
     async def ReportOutcome(self, request: scoring_pb2.ReportOutcomeRequest, context: grpc.aio.ServicerContext
                             ) -> scoring_pb2.ReportOutcomeResponse:
-        raise Unimplemented("ReportOutcome needs the audit trail, which this server does not have yet")
+        return await report_outcome(self.audit, request)
 
 
 def _set_time(ts, iso: str | None) -> None:  # type: ignore[no-untyped-def]
