@@ -31,7 +31,7 @@ from server.audit.store import (
     interpolate,
     to_rows,
 )
-from server.db import connect_sqlite, migrate_sqlite, sqlite_path
+from server.db import connect_sqlite, migrate_sqlite, migrations, sqlite_path
 
 T = TypeVar("T")
 
@@ -58,6 +58,14 @@ def _transaction(conn: sqlite3.Connection, begin: str) -> Iterator[None]:
     conn.execute("COMMIT")
 
 
+def _pending_migrations(conn: sqlite3.Connection) -> bool:
+    try:
+        done = {r[0] for r in conn.execute("SELECT version FROM schema_migrations")}
+    except sqlite3.OperationalError:  # no table yet
+        return True
+    return any(m.version not in done for m in migrations("sqlite"))
+
+
 def _iso_rows(rows: list[tuple[Any, ...]], at: int) -> list[tuple[Any, ...]]:
     return [(*r[:at], iso_utc(r[at]), *r[at + 1:]) for r in rows]
 
@@ -82,9 +90,14 @@ class SqliteAuditStore:
 
     def _connection(self) -> sqlite3.Connection:
         if self._conn is None:
-            migrate_sqlite(self.path)
             conn = connect_sqlite(self.path)
             conn.execute(f"PRAGMA busy_timeout={int(self.timeout * 1000)}")
+            try:
+                if _pending_migrations(conn):  # (reading needs no lock: a busy database does not stall us)
+                    migrate_sqlite(self.path)
+            except BaseException:
+                conn.close()
+                raise
             self._conn = conn
         return self._conn
 
@@ -92,7 +105,12 @@ class SqliteAuditStore:
         await self._run(self._connection)
 
     async def ping(self) -> None:
-        await self._run(lambda: self._connection().execute("SELECT 1").fetchone())
+        """Take the write lock and let it go: SQLite can take writes (not just reads)."""
+        def ping() -> None:
+            with _transaction(self._connection(), "BEGIN IMMEDIATE"):
+                pass
+
+        await self._run(ping)
 
     async def write(self, entries: Sequence[AuditEntry]) -> None:
         await self._run(self._write, entries)

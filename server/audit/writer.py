@@ -204,8 +204,10 @@ class AuditWriter:
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            if self._spooling and not self._items and not self._closing:
-                try:
+            if self._closing:
+                pass  # drain without waiting
+            elif self._spooling and not self._items:
+                try:  # nothing to write: wake up to try the database again
                     await asyncio.wait_for(self._wake.wait(), max(0.0, self._next_retry - loop.time()))
                 except TimeoutError:
                     pass

@@ -1,0 +1,84 @@
+"""ReportOutcome, GetStats and ListTopFeatures over a real channel to the shared server process (embedded
+SQLite audit trail, the default)."""
+
+from __future__ import annotations
+
+import time
+
+import grpc
+import pytest
+from google.protobuf import timestamp_pb2
+
+from client import CredScopeClient, CredScopeRpcError
+from credscope.v1 import admin_pb2, scoring_pb2
+from tests.test_api import applicant
+
+
+def outcome(client: CredScopeClient, request_id: str, value: int) -> scoring_pb2.ReportOutcomeResponse:
+    return client.call(client.scoring.ReportOutcome,
+                       scoring_pb2.ReportOutcomeRequest(request_id=request_id, outcome=value))
+
+
+def ts(seconds: float) -> timestamp_pb2.Timestamp:
+    t = timestamp_pb2.Timestamp()
+    t.FromNanoseconds(int(seconds * 1e9))
+    return t
+
+
+def test_report_outcome(client: CredScopeClient) -> None:
+    scored = client.score(applicant(amt_income_total=181_000))
+    # reported at once: the prediction may still be queued; the server flushes before it looks
+    first = outcome(client, scored.request_id, scoring_pb2.OUTCOME_DEFAULTED)
+    assert first.request_id == scored.request_id and first.recorded
+    assert not outcome(client, scored.request_id, scoring_pb2.OUTCOME_DEFAULTED).recorded  # idempotent
+    assert outcome(client, scored.request_id, scoring_pb2.OUTCOME_REPAID).recorded  # a correction replaces it
+    batch = client.call(client.scoring.BatchScore, scoring_pb2.BatchScoreRequest(
+        applicants=[applicant(), applicant(amt_credit=500_000)]))
+    assert outcome(client, batch.results[1].prediction.request_id, scoring_pb2.OUTCOME_REPAID).recorded
+
+    with pytest.raises(CredScopeRpcError) as e:
+        outcome(client, "never-scored-" + scored.request_id, scoring_pb2.OUTCOME_REPAID)
+    assert e.value.code == grpc.StatusCode.NOT_FOUND and e.value.reason == "NOT_FOUND"
+    with pytest.raises(CredScopeRpcError) as e:
+        outcome(client, "", scoring_pb2.OUTCOME_UNSPECIFIED)
+    assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert {v.field for v in e.value.field_violations} == {"request_id", "outcome"}
+
+
+def test_get_stats_counts_this_period(client: CredScopeClient) -> None:
+    start = time.time()  # (the server stamps calls when they arrive, after this)
+    results = [client.score(applicant(amt_income_total=100_000 + i * 7_919, ext_source_2=0.05 + i * 0.09))
+               for i in range(8)]
+    with pytest.raises(CredScopeRpcError):
+        client.score(applicant(amt_credit=-1.0))
+    s = client.call(client.admin.GetStats, admin_pb2.GetStatsRequest(start_time=ts(start)))
+    assert s.total_predictions == len(results)
+    decisions = {c.label: c.count for c in s.by_decision}
+    assert set(decisions) == {"APPROVE", "REVIEW", "REJECT"}
+    for name in decisions:
+        assert decisions[name] == sum(scoring_pb2.Decision.Name(r.decision) == f"DECISION_{name}" for r in results)
+    assert sum(c.count for c in s.by_risk_level) == len(results)
+    assert s.mean_probability == pytest.approx(sum(r.default_probability for r in results) / len(results))
+    assert 0 < s.latency_p50_ms <= s.latency_p95_ms <= s.latency_p99_ms
+    assert s.cache_hit_rate == 0.0 and s.error_calls == 1
+    assert not s.HasField("challenger")
+
+    later = client.call(client.admin.GetStats, admin_pb2.GetStatsRequest(start_time=ts(time.time() + 3600),
+                                                                         end_time=ts(time.time() + 7200)))
+    assert later.total_predictions == 0 and later.error_calls == 0
+    with pytest.raises(CredScopeRpcError) as e:
+        client.call(client.admin.GetStats, admin_pb2.GetStatsRequest(start_time=ts(time.time()),
+                                                                     end_time=ts(time.time() - 60)))
+    assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_list_top_features_limits(client: CredScopeClient) -> None:
+    top = client.call(client.admin.ListTopFeatures, admin_pb2.ListTopFeaturesRequest(
+        decision=scoring_pb2.DECISION_APPROVE))
+    assert len(top.features) <= 10
+    assert [f.mean_abs_shap for f in top.features] == sorted((f.mean_abs_shap for f in top.features), reverse=True)
+    for bad in (101, 1000):
+        with pytest.raises(CredScopeRpcError) as e:
+            client.call(client.admin.ListTopFeatures, admin_pb2.ListTopFeaturesRequest(limit=bad))
+        assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT
+        assert [v.field for v in e.value.field_violations] == ["limit"]
