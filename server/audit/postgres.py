@@ -38,6 +38,7 @@ T = TypeVar("T")
 STAGING = (("predictions", "audit_stage_predictions", PREDICTION_COLUMNS, "request_id"),
            ("shap_explanations", "audit_stage_shap", SHAP_COLUMNS, "request_id, rank"),
            ("api_usage", "audit_stage_usage", USAGE_COLUMNS, "request_id"))
+#: Staging tables, one set per pooled connection, emptied at every commit.
 CREATE_STAGING = "\n".join(
     f"CREATE TEMP TABLE IF NOT EXISTS {stage} (LIKE {table}) ON COMMIT DELETE ROWS;"
     for table, stage, _, _ in STAGING)
@@ -95,7 +96,7 @@ class PostgresAuditStore:
         await self._with_conn(lambda conn: conn.fetchval("SELECT 1"))
 
     async def write(self, entries: Sequence[AuditEntry]) -> None:
-        rows = await asyncio.to_thread(to_rows, entries)
+        rows = await asyncio.to_thread(to_rows, entries)  # off the event loop: calls keep flowing
         tables = (("predictions", rows.predictions), ("shap_explanations", rows.shap), ("api_usage", rows.usage))
 
         async def write(conn: asyncpg.Connection) -> None:
