@@ -170,18 +170,23 @@ def plot(results: list[Result], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(14, 4))
     for config, color in (("off", "tab:gray"), ("on", "tab:blue")):
         rs = [r for r in results if r.config == config]
         ax1.plot([r.round for r in rs], [r.rate for r in rs], "o-", color=color, label=f"audit {config}")
         ax2.plot([r.round for r in rs], [r.pct(0.5) for r in rs], "o-", color=color, label=f"p50 audit {config}")
         ax2.plot([r.round for r in rs], [r.pct(0.99) for r in rs], "s--", color=color, label=f"p99 audit {config}")
+        ax3.plot([r.round for r in rs], [r.cpu_us_per_call for r in rs], "o-", color=color, label=f"audit {config}")
     ax1.set(title="Score throughput", xlabel="round", ylabel="calls/s")
     ax2.set(title="Score latency", xlabel="round", ylabel="ms")
-    ax1.set_ylim(bottom=0)
-    ax2.set_ylim(bottom=0)
+    ax3.set(title="Server CPU per call", xlabel="round", ylabel="µs")
+    rounds = sorted({r.round for r in results})
+    for ax in (ax1, ax2, ax3):
+        ax.set_ylim(bottom=0)
+        ax.set_xticks(rounds)
     ax1.legend()
     ax2.legend(fontsize=8)
+    ax3.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 

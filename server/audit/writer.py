@@ -218,7 +218,11 @@ class AuditWriter:
                 self._timer.cancel()
                 self._timer = None
             if self._spooling:
-                await self._recover()
+                try:
+                    await self._recover()
+                except Exception:  # noqa: BLE001 - a bug must not stop the writer; the spool stays for later
+                    log.exception("audit spool replay failed; retrying in %.1fs", self.settings.retry_seconds)
+                    self._next_retry = loop.time() + self.settings.retry_seconds
             if not self._items:
                 if self._closing:
                     return
@@ -226,7 +230,9 @@ class AuditWriter:
             batch = self._take()
             try:
                 await self._persist([i.entry for i in batch if i.entry is not None])
-            except _NotDurable:
+            except Exception as e:  # noqa: BLE001 - _NotDurable, or a bug: keep the records, retry
+                if not isinstance(e, _NotDurable):
+                    log.exception("audit batch could not be written; retrying in %.1fs", self.settings.retry_seconds)
                 for item in reversed(batch):  # back to the front, in order; try again after a pause
                     self._items.appendleft(item)
                     self._weight += item.weight
@@ -322,7 +328,13 @@ class AuditWriter:
                 frames = await asyncio.to_thread(lambda f=f: list(self.spool.frames(f)))  # type: ignore[misc]
                 chunk: list[AuditEntry] = []
                 for payload in frames:
-                    chunk.extend(entries_from_json(payload))
+                    try:
+                        chunk.extend(entries_from_json(payload))
+                    except (ValueError, TypeError, KeyError) as e:  # whole (checksum) but not ours to read
+                        path = await asyncio.to_thread(self.spool.reject, payload)
+                        log.error("audit spool %s: a batch could not be decoded (%s); kept in %s", f.path.name,
+                                  e, path)
+                        continue
                     if sum(e.weight for e in chunk) >= REPLAY_ROWS:
                         await self._write(chunk)
                         chunk = []
