@@ -99,7 +99,7 @@ def audit_prediction(request_id: str, row: Sequence[float], result: Any, latency
     if ctx is None:
         return
     ctx.audit.append(PredictionRecord(
-        request_id=request_id, row=list(row), probability=float(result.probability), decision=result.decision,
+        request_id=request_id, row=row if isinstance(row, list) else list(row), probability=float(result.probability), decision=result.decision,
         risk_level=result.risk_level, confidence=float(result.confidence), model_version=result.model_version,
         latency_ms=float(latency_ms), from_cache=from_cache, explanation=explanation, reason_codes=reason_codes))
 
