@@ -1,7 +1,7 @@
 """The embedded audit store: one SQLite file (WAL), shared by the worker processes of a host.
 
 Each store runs its statements on one thread of its own (sqlite3 is blocking), so the event loop never
-waits on the disk. A write is one ``BEGIN IMMEDIATE`` transaction of ``INSERT … ON CONFLICT DO
+waits on the disk. A write is one ``BEGIN IMMEDIATE`` transaction of multi-row ``INSERT … ON CONFLICT DO
 NOTHING`` (only key conflicts are skipped; a row breaking a CHECK fails loudly). Several processes
 serialize on SQLite's write lock, waiting up to the timeout.
 """
@@ -9,10 +9,12 @@ serialize on SQLite's write lock, waiting up to the timeout.
 from __future__ import annotations
 
 import asyncio
+import functools
 import sqlite3
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, TypeVar
 
@@ -36,14 +38,32 @@ from server.db import connect_sqlite, migrate_sqlite, migrations, sqlite_path
 T = TypeVar("T")
 
 
-def _insert(table: str, columns: Sequence[str], conflict: str) -> str:
-    return (f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))}) "  # noqa: S608
-            f"ON CONFLICT ({conflict}) DO NOTHING")
+#: Rows per INSERT statement. sqlite3 releases the GIL around each statement step and must take it back
+#: after; one statement per row makes the writer thread and the event loop trade the GIL per row.
+CHUNK = 64
 
 
-INSERT_PREDICTIONS = _insert("predictions", PREDICTION_COLUMNS, "request_id")
-INSERT_SHAP = _insert("shap_explanations", SHAP_COLUMNS, "request_id, rank")
-INSERT_USAGE = _insert("api_usage", USAGE_COLUMNS, "request_id")
+@dataclass(frozen=True)
+class _Insert:
+    table: str
+    columns: Sequence[str]
+    conflict: str
+
+    @functools.cache  # noqa: B019 - three module-level instances
+    def sql(self, rows: int) -> str:
+        one = f"({', '.join('?' * len(self.columns))})"
+        return (f"INSERT INTO {self.table} ({', '.join(self.columns)}) VALUES {', '.join([one] * rows)} "  # noqa: S608
+                f"ON CONFLICT ({self.conflict}) DO NOTHING")
+
+    def run(self, conn: sqlite3.Connection, rows: list[tuple[Any, ...]]) -> None:
+        for i in range(0, len(rows), CHUNK):
+            chunk = rows[i:i + CHUNK]
+            conn.execute(self.sql(len(chunk)), [v for row in chunk for v in row])
+
+
+INSERT_PREDICTIONS = _Insert("predictions", PREDICTION_COLUMNS, "request_id")
+INSERT_SHAP = _Insert("shap_explanations", SHAP_COLUMNS, "request_id, rank")
+INSERT_USAGE = _Insert("api_usage", USAGE_COLUMNS, "request_id")
 
 
 @contextmanager
@@ -120,11 +140,11 @@ class SqliteAuditStore:
         conn = self._connection()
         with _transaction(conn, "BEGIN IMMEDIATE"):
             if rows.predictions:
-                conn.executemany(INSERT_PREDICTIONS, _iso_rows(rows.predictions, 1))
+                INSERT_PREDICTIONS.run(conn, _iso_rows(rows.predictions, 1))
             if rows.shap:
-                conn.executemany(INSERT_SHAP, rows.shap)
+                INSERT_SHAP.run(conn, rows.shap)
             if rows.usage:
-                conn.executemany(INSERT_USAGE, _iso_rows(rows.usage, 1))
+                INSERT_USAGE.run(conn, _iso_rows(rows.usage, 1))
 
     async def stats(self, start: datetime, end: datetime) -> Stats:
         return await self._run(self._stats, iso_utc(start), iso_utc(end))
