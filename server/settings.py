@@ -44,6 +44,10 @@ class AuthSettings(BaseModel):
     key_store_url: str = Field("sqlite:///credscope.db",
                                description="Key store: sqlite:///path or postgresql://user@host/db.")
     key_cache_seconds: float = Field(5.0, ge=0, description="How long a worker trusts a looked-up key.")
+    key_stale_seconds: float = Field(60.0, ge=0, description="While the key store is down, how long a worker "
+                                     "keeps accepting keys it looked up before; past it, UNAVAILABLE.")
+    usage_flush_seconds: float = Field(10.0, gt=0, description="How often a worker adds its per-key call counts "
+                                       "to the key store (for AdminService.GetApiKeyStats).")
 
 
 class RateLimitSettings(BaseModel):
@@ -53,7 +57,16 @@ class RateLimitSettings(BaseModel):
     free_per_hour: int = Field(100, ge=1, description="Calls an hour for the free tier.")
     pro_per_hour: int = Field(1000, ge=1, description="Calls an hour for the pro tier.")
     enterprise_per_hour: int = Field(10000, ge=1, description="Calls an hour for the enterprise tier.")
-    redis_url: str | None = Field(None, description="Redis for shared buckets; in-process when unset.")
+    redis_url: str | None = Field(None, description="Redis for buckets shared by replicas; host-local when unset.")
+    batch_cost_per_applicant: int = Field(1, ge=0, description="Tokens a BatchScore call costs per applicant "
+                                          "(at least 1 a call); every other call costs 1.")
+    key_prefix: str = Field("credscope:ratelimit:", description="Prefix of the Redis bucket keys.")
+    redis_timeout_seconds: float = Field(0.1, gt=0, description="Redis call timeout; past it the call is "
+                                         "limited with the host-local buckets.")
+    redis_retry_seconds: float = Field(1.0, gt=0, description="While Redis is down, how often to try it again.")
+    local_path: Path = Field(Path("credscope-ratelimit.buckets"), description="Host-local bucket table, "
+                             "shared by the worker processes of one host (memory-mapped file).")
+    local_slots: int = Field(65536, ge=64, description="Buckets the host-local table holds (40 bytes each).")
 
 
 class CacheSettings(BaseModel):
