@@ -61,7 +61,8 @@ def model(model_dir: Path):  # type: ignore[no-untyped-def]
 def server(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     """A credscope-server process on loopback with embedded defaults, shared by the session's tests."""
     work = tmp_path_factory.mktemp("server")
-    sp = start_server(model_dir, cwd=work, env={"CREDSCOPE_AUTH__ALLOW_ANONYMOUS": "true"})
+    sp = start_server(model_dir, cwd=work, env={"CREDSCOPE_AUTH__ALLOW_ANONYMOUS": "true",
+                                                "CREDSCOPE_RATE_LIMIT__FREE_PER_HOUR": "10000000"})
     yield sp
     sp.stop()
 

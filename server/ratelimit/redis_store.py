@@ -6,8 +6,9 @@ refill-and-take rule as :func:`server.ratelimit.buckets.decide`, writes the buck
 the time until it is full again (plus a second): a full bucket is the same as no bucket. Tests may pass a
 clock; servers never do.
 
-Driver errors and timeouts become :class:`~server.ratelimit.buckets.BucketStoreError`; the client does not
-retry on its own (a retried take could charge twice), the failover store decides.
+Driver errors and timeouts become :class:`~server.ratelimit.buckets.BucketStoreError`. The client retries
+once, at once, only when a connection turns out broken (a pooled connection left over from before a Redis
+restart); never after a timeout, which may have charged already. The failover store decides the rest.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from collections.abc import Callable
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
 from server.ratelimit.buckets import BucketStoreError, Decision
@@ -74,7 +76,7 @@ class RedisBucketStore:
         self.clock = clock
         self.timeout = timeout
         self.redis = aioredis.Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout,
-                                             retry=Retry(NoBackoff(), 0))
+                                             retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)))
         self._script = self.redis.register_script(TAKE_LUA)
 
     async def take(self, subject: str, capacity: int, period_seconds: float, cost: int) -> Decision:
