@@ -62,15 +62,15 @@ class AuthInterceptor(AroundInterceptor):
                 principal = anonymous(context)
             else:
                 principal = await self.verifier.verify(api_key)
+            ctx = rc.current()
+            if ctx is not None:
+                ctx.principal = principal  # known even when refused below, for the audit
             if method.startswith(ADMIN_PREFIX) and not principal.admin:
                 raise PermissionDenied(f"{method.rsplit('/', 1)[-1]} needs an API key with the admin flag")
         except (Unauthenticated, PermissionDenied) as e:
             if self.on_reject is not None:
                 self.on_reject(peer_host(context), method, e)
             raise
-        ctx = rc.current()
-        if ctx is not None:
-            ctx.principal = principal
         return principal
 
     async def around(self, method: str, behavior: Behavior, request: Any,
