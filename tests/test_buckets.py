@@ -249,3 +249,25 @@ async def test_failover_to_local_buckets_and_back(own_redis: list, tmp_path: Pat
     d = await store.take("ivan", 10, HOUR, 1)
     assert d.allowed and d.remaining == 9 and not store.degraded and store.fallbacks == 13  # Redis lost its state
     await store.close()
+
+
+@pytest.mark.redis
+async def test_redis_takes_of_one_loop_turn_share_a_round_trip(redis_url: str, redis_prefix: str,
+                                                               tmp_path: Path) -> None:
+    """Thirty takes on three subjects at once: one EVALSHA, and the very decisions the local table makes for
+    the same takes in the same order."""
+    clock = Clock()
+    redis_store = RedisBucketStore(redis_url, prefix=redis_prefix, clock=clock, timeout=2.0)
+    local = LocalBucketStore(tmp_path / "b", clock=clock)
+    takes = [(f"s{i % 3}", 10, HOUR, 1 + i % 2) for i in range(30)]
+    from_redis = await asyncio.gather(*(redis_store.take(*t) for t in takes))
+    assert redis_store.round_trips == 1
+    from_local = [local.take_now(*t) for t in takes]
+    def rounded(ds):  # type: ignore[no-untyped-def]
+        return [(d.allowed, d.limit, d.remaining, round(d.reset_seconds, 6), round(d.retry_after_seconds, 6))
+                for d in ds]
+
+    assert rounded(from_redis) == rounded(from_local)
+    assert 0 < sum(d.allowed for d in from_redis) < 30
+    await redis_store.close()
+    local.close_now()
