@@ -232,22 +232,18 @@ def portfolio_metrics(probabilities: Sequence[float], decisions: Sequence[str], 
     """
     if not len(probabilities) == len(decisions) == len(risk_levels):
         raise ValueError("probabilities, decisions and risk_levels differ in length")
-    counts = dict.fromkeys(DECISIONS, 0)
-    risk = dict.fromkeys(RISK_LEVELS, 0)
-    approved_p: list[float] = []
-    for p, decision, level in zip(probabilities, decisions, risk_levels, strict=True):
-        if decision not in counts:
-            raise ValueError(f"unknown decision {decision!r}")
-        if level not in risk:
-            raise ValueError(f"unknown risk level {level!r}")
-        counts[decision] += 1
-        risk[level] += 1
-        if decision == "APPROVE":
-            approved_p.append(float(p))
-    total, approved = len(probabilities), counts["APPROVE"]
-    r, loss = params.net_revenue, params.loss_on_default
-    value = math.fsum((1.0 - p) * r - p * loss for p in approved_p)
-    defaults = math.fsum(approved_p)
+    decisions, risk_levels = list(decisions), list(risk_levels)
+    counts = {d: decisions.count(d) for d in DECISIONS}
+    risk = {level: risk_levels.count(level) for level in RISK_LEVELS}
+    total = len(decisions)
+    if sum(counts.values()) != total:
+        raise ValueError(f"unknown decision(s) {sorted(set(decisions) - set(DECISIONS))}")
+    if sum(risk.values()) != total:
+        raise ValueError(f"unknown risk level(s) {sorted(set(risk_levels) - set(RISK_LEVELS))}")
+    approved = counts["APPROVE"]
+    # sum over approvals of (1 - p) R - p L  =  approved R - (R + L) sum(p)
+    defaults = math.fsum(float(p) for p, d in zip(probabilities, decisions, strict=True) if d == "APPROVE")
+    value = approved * params.net_revenue - (params.net_revenue + params.loss_on_default) * defaults if approved else 0.0
     return PortfolioMetrics(
         total_applications=total, approved=approved, review=counts["REVIEW"], rejected=counts["REJECT"],
         approval_rate=_ratio(approved, total), expected_portfolio_value=value, expected_defaults=defaults,

@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Sequence
 
 from credscope.v1 import scoring_pb2
 from server.errors import Violation
 from server.portfolio import LoanParameters, PortfolioMetrics, portfolio_metrics
+from server.scoring import ScoreResult
 from server.settings import PortfolioSettings
 
 _FIELDS = tuple(f.name for f in scoring_pb2.LoanParameters.DESCRIPTOR.fields)
-_DECISION_NAME = {scoring_pb2.Decision.Value(f"DECISION_{d}"): d for d in ("APPROVE", "REVIEW", "REJECT")}
-_RISK_NAME = {scoring_pb2.RiskLevel.Value(f"RISK_LEVEL_{r}"): r
-              for r in ("VERY_LOW", "LOW", "MEDIUM", "HIGH", "VERY_HIGH")}
 
 
 def default_loan_parameters(settings: PortfolioSettings) -> LoanParameters:
@@ -27,14 +25,13 @@ def loan_parameters_from_proto(msg: scoring_pb2.LoanParameters, defaults: LoanPa
     return params, [Violation(f"{path}.{name}", why) for name, why in params.problems()]
 
 
-def portfolio_of(predictions: Iterable[scoring_pb2.Prediction], params: LoanParameters) -> PortfolioMetrics:
-    """Portfolio metrics over the returned predictions (errors excluded by the caller)."""
-    probs, decisions, levels = [], [], []
-    for p in predictions:
-        probs.append(p.default_probability)
-        decisions.append(_DECISION_NAME[p.decision])
-        levels.append(_RISK_NAME[p.risk_level])
-    return portfolio_metrics(probs, decisions, levels, params)
+def portfolio_of(scored: Sequence[ScoreResult], params: LoanParameters) -> PortfolioMetrics:
+    """Portfolio metrics over a batch's scored applicants (the applicants with an error are not among them).
+
+    Reads the domain results rather than the response messages: a thousand protobuf accesses cost a millisecond.
+    """
+    return portfolio_metrics([r.probability for r in scored], [r.decision for r in scored],
+                             [r.risk_level for r in scored], params)
 
 
 def fill_portfolio(msg: scoring_pb2.PortfolioMetrics, m: PortfolioMetrics) -> None:

@@ -26,12 +26,12 @@ from server.portfolio import (
 #   L = 0.5 * 1000 + 10 = 510
 SMALL = LoanParameters(average_loan_amount=1000, interest_rate=0.12, term_months=12, loss_given_default=0.5,
                        processing_cost=10, operating_cost_per_year=20)
-M, I, R, L = 88.8487886783416, 66.18546414009916, 36.18546414009916, 510.0
+M, INTEREST, R, L = 88.8487886783416, 66.18546414009916, 36.18546414009916, 510.0
 
 
 def test_unit_economics_by_hand() -> None:
     assert SMALL.monthly_payment == pytest.approx(M, rel=1e-12)
-    assert SMALL.total_interest == pytest.approx(I, rel=1e-12)
+    assert SMALL.total_interest == pytest.approx(INTEREST, rel=1e-12)
     assert SMALL.net_revenue == pytest.approx(R, rel=1e-12)
     assert SMALL.loss_on_default == L
     assert SMALL.break_even_probability == pytest.approx(R / (R + L))

@@ -89,10 +89,10 @@ class ScoringService(scoring_pb2_grpc.ScoringServiceServicer):
                 positions.append(i)
         scorer = self.runtime.scorer
         response.model_version = scorer.version
-        for i, res in zip(positions, scorer.score(rows_to_matrix(rows)) if rows else [], strict=True):
+        scored = scorer.score(rows_to_matrix(rows)) if rows else []
+        for i, res in zip(positions, scored, strict=True):
             fill_prediction(response.results[i].prediction, res, f"{request_id}/{i}", from_cache=False)
-        fill_portfolio(response.portfolio, portfolio_of(
-            (r.prediction for r in response.results if r.HasField("prediction")), loan))
+        fill_portfolio(response.portfolio, portfolio_of(scored, loan))
         response.timestamp.CopyFrom(timestamp(time.time()))
         response.processing_time_ms = (time.perf_counter() - started) * 1000.0
         return response
