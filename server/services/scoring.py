@@ -99,9 +99,9 @@ class ScoringService(scoring_pb2_grpc.ScoringServiceServicer):
 
     async def GetModelInfo(self, request: scoring_pb2.GetModelInfoRequest, context: grpc.aio.ServicerContext
                            ) -> scoring_pb2.GetModelInfoResponse:
-        model = self.runtime.scorer.model
+        scorer = self.runtime.scorer
+        model, policy = scorer.model, scorer.policy
         meta = model.metadata
-        policy = self.runtime.scorer.policy
         response = scoring_pb2.GetModelInfoResponse(
             model_version=model.version,
             input_features=[c["name"] for c in meta.get("columns", [])],
