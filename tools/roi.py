@@ -162,7 +162,7 @@ def _read_sqlite(url: str) -> list[AuditRow]:
         raise RoiError(f"no audit database at {path}: run the server with auditing on (audit.url = {url}), "
                        f"or pass --audit-url")
     try:
-        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30)
+        conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=30)
         try:
             rows = conn.execute(_AUDIT_SQL + " ORDER BY p.created_at, p.request_id").fetchall()
         finally:
