@@ -25,14 +25,15 @@ from credscope.v1 import admin_pb2, admin_pb2_grpc, scoring_pb2, scoring_pb2_grp
 from server.audit.records import entries_from_json
 from server.audit.spool import PREFIX, SUFFIX, read_frames
 from tests.audit_helpers import TcpProxy, eventually, fetch, free_port
-from tests.helpers import ServerProcess, start_server
+from tests.helpers import ServerProcess, make_api_key, start_server
 from tests.test_api import GOOD
 
 pytestmark = pytest.mark.postgres
 
 
 def audit_env(dsn: str, spool: Path, **extra: str) -> dict[str, str]:
-    return {"CREDSCOPE_AUTH__ALLOW_ANONYMOUS": "true", "CREDSCOPE_AUDIT__URL": dsn,
+    return {"CREDSCOPE_AUTH__ALLOW_ANONYMOUS": "true", "CREDSCOPE_RATE_LIMIT__FREE_PER_HOUR": "10000000",
+            "CREDSCOPE_AUDIT__URL": dsn,
             "CREDSCOPE_AUDIT__SPOOL_DIR": str(spool), "CREDSCOPE_AUDIT__FLUSH_SECONDS": "0.05",
             "CREDSCOPE_AUDIT__RETRY_SECONDS": "0.2", "CREDSCOPE_AUDIT__TIMEOUT_SECONDS": "2",
             "CREDSCOPE_SERVER__DRAIN_SECONDS": "0", **extra}
@@ -112,8 +113,10 @@ async def test_concurrent_load_leaves_one_row_per_call(model_dir: Path, postgres
     try:
         load = Load(sp.target)
         await load.run(240, concurrency=12)
+        key = await asyncio.to_thread(make_api_key, tmp_path)
         async with grpc.aio.insecure_channel(sp.target) as channel:
-            stats = await admin_pb2_grpc.AdminServiceStub(channel).GetStats(admin_pb2.GetStatsRequest(), timeout=10)
+            stats = await admin_pb2_grpc.AdminServiceStub(channel).GetStats(
+                admin_pb2.GetStatsRequest(), metadata=[("x-api-key", key)], timeout=10)
     finally:
         stop(sp)  # SIGTERM drains the queue
     predictions, usage = await ids(postgres_dsn, "predictions"), await ids(postgres_dsn, "api_usage")
