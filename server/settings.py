@@ -35,6 +35,8 @@ class ModelSettings(BaseModel):
     model_dir: Path = Field(Path("models"), description="Model store: <dir>/<version>/model.onnx + ACTIVE file.")
     version: str | None = Field(None, description="Version to serve; the store's ACTIVE one when unset.")
     intra_op_threads: int = Field(1, ge=0, description="onnxruntime intra-op threads (0 = onnxruntime's choice).")
+    explain_threads: int = Field(1, ge=1, le=64, description="Threads per worker computing SHAP explanations, "
+                                 "off the event loop (the TreeSHAP kernel releases the GIL).")
 
 
 class AuthSettings(BaseModel):

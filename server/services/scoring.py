@@ -2,17 +2,30 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextvars
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import grpc
+import numpy as np
 
 from credscope.v1 import scoring_pb2, scoring_pb2_grpc
 from server import context as rc
-from server.convert import applicant_to_row, fill_prediction, rows_to_matrix, timestamp
-from server.errors import InvalidArgument, Unimplemented, Violation
+from server.convert import (
+    applicant_to_row,
+    explain_top_k,
+    fill_explanation,
+    fill_prediction,
+    rows_to_matrix,
+    timestamp,
+)
+from server.errors import FailedPrecondition, InvalidArgument, Unimplemented, Violation
+from server.explain import ExplainError, Explanation
 from server.interceptors.request_id import REQUEST_ID_HELP, valid_request_id
 from server.model import list_versions, read_metadata
 from server.runtime import Runtime
+from server.scoring import Scorer
 from server.settings import Settings
 
 
@@ -34,6 +47,15 @@ class ScoringService(scoring_pb2_grpc.ScoringServiceServicer):
     def __init__(self, runtime: Runtime, settings: Settings) -> None:
         self.runtime = runtime
         self.settings = settings
+        self._explain_pool = ThreadPoolExecutor(settings.model.explain_threads, thread_name_prefix="explain")
+
+    async def _explain(self, scorer: Scorer, matrix: np.ndarray) -> list[Explanation]:
+        """SHAP explanations computed in the explain thread pool, so the event loop keeps serving."""
+        call = contextvars.copy_context().run
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._explain_pool, call, scorer.explain, matrix)
+        except ExplainError as exc:
+            raise FailedPrecondition(f"model {scorer.version} cannot be explained: {exc}") from exc
 
     async def Score(self, request: scoring_pb2.ScoreRequest, context: grpc.aio.ServicerContext
                     ) -> scoring_pb2.ScoreResponse:
@@ -45,9 +67,14 @@ class ScoringService(scoring_pb2_grpc.ScoringServiceServicer):
         if violations:
             raise InvalidArgument(f"applicant has {len(violations)} invalid field(s)", violations)
         scorer = self.runtime.scorer
-        result = scorer.score(rows_to_matrix([row]))[0]
+        top_k = explain_top_k(request.explain, len(scorer.model.features))
+        matrix = rows_to_matrix([row])
+        result = scorer.score(matrix)[0]
         response = scoring_pb2.ScoreResponse()
         fill_prediction(response, result, request_id, from_cache=False)
+        if top_k is not None:
+            explanation = (await self._explain(scorer, matrix))[0].top(top_k)
+            fill_explanation(response.explanation, explanation)
         response.timestamp.CopyFrom(timestamp(time.time()))
         response.processing_time_ms = (time.perf_counter() - started) * 1000.0
         return response
@@ -63,6 +90,7 @@ class ScoringService(scoring_pb2_grpc.ScoringServiceServicer):
         if n > limit:
             raise InvalidArgument(f"batch of {n} applicants is over the limit of {limit}", [
                 Violation("applicants", f"send at most {limit} applicants per call; split the batch")])
+        top_k = explain_top_k(request.explain, len(self.runtime.scorer.model.features))
         response = scoring_pb2.BatchScoreResponse(request_id=request_id)
         rows, positions = [], []
         for i, applicant in enumerate(request.applicants):
@@ -79,8 +107,12 @@ class ScoringService(scoring_pb2_grpc.ScoringServiceServicer):
                 positions.append(i)
         scorer = self.runtime.scorer
         response.model_version = scorer.version
-        for i, res in zip(positions, scorer.score(rows_to_matrix(rows)) if rows else [], strict=True):
+        matrix = rows_to_matrix(rows)
+        for i, res in zip(positions, scorer.score(matrix) if rows else [], strict=True):
             fill_prediction(response.results[i].prediction, res, f"{request_id}/{i}", from_cache=False)
+        if top_k is not None and rows:
+            for i, explanation in zip(positions, await self._explain(scorer, matrix), strict=True):
+                fill_explanation(response.results[i].prediction.explanation, explanation.top(top_k))
         response.timestamp.CopyFrom(timestamp(time.time()))
         response.processing_time_ms = (time.perf_counter() - started) * 1000.0
         return response
