@@ -41,14 +41,15 @@ from server.schema import MODEL_FEATURES
 from server.scoring import Scorer
 from tests.test_api import GOOD, applicant, violations_of
 from tests.test_model import hard_rows
-from tools.train import TrainResult, train
+from tools.train import TrainResult
 
 ROWS = 3_000
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory: pytest.TempPathFactory) -> TrainResult:
-    return train(model_dir=tmp_path_factory.mktemp("explain-models"), rows=20_000, seed=7, n_estimators=80)
+def trained(trained_model: TrainResult) -> TrainResult:
+    """The session's model (conftest), with its scikit-learn pipeline for shap's reference values."""
+    return trained_model
 
 
 @pytest.fixture(scope="module")

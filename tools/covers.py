@@ -37,6 +37,17 @@ def lightgbm_covers(node: Any, booster: Any) -> list[float]:
     if len(trees) != int(tree_ids.max()) + 1:
         raise ExplainError(f"the booster has {len(trees)} trees, the ONNX node {int(tree_ids.max()) + 1}")
     covers = [float("nan")] * len(node_ids)
+    with np.errstate(over="ignore"):  # a threshold beyond float32's range is +-inf in ONNX too
+        _match(trees, tree_ids, node_ids, modes, features, thresholds, true_ids, false_ids, leaf_weight, index, covers)
+    if any(np.isnan(covers)):
+        raise ExplainError("some ONNX tree nodes have no LightGBM counterpart")
+    return covers
+
+
+def _match(trees: list[Any], tree_ids: np.ndarray, node_ids: np.ndarray, modes: list[str], features: np.ndarray,
+           thresholds: np.ndarray, true_ids: np.ndarray, false_ids: np.ndarray,
+           leaf_weight: dict[tuple[int, int], Any], index: dict[tuple[int, int], int], covers: list[float]) -> None:
+    """Walk each LightGBM tree and its ONNX counterpart from the root, filling ``covers``."""
     for t, info in enumerate(trees):
         children = {int(c) for i in np.flatnonzero(tree_ids == t) if modes[i] != "LEAF"
                     for c in (true_ids[i], false_ids[i])}
@@ -59,9 +70,6 @@ def lightgbm_covers(node: Any, booster: Any) -> list[float]:
                     raise ExplainError(f"tree {t} node {onnx_id}: the ONNX leaf differs from LightGBM's")
                 # a single-leaf tree has no count in LightGBM's dump; its cover does not matter
                 covers[i] = float(lgb.get("leaf_count", 1))
-    if any(np.isnan(covers)):
-        raise ExplainError("some ONNX tree nodes have no LightGBM counterpart")
-    return covers
 
 
 def add_tree_covers(model: Any, booster: Any) -> None:

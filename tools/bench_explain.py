@@ -1,0 +1,139 @@
+"""Benchmark SHAP explanations: cost per applicant and how long they stall an event loop.
+
+Prints, for the served model (``--model-dir``, ACTIVE version by default):
+
+* microseconds per applicant for one applicant and for a batch of ``--batch`` applicants, for
+  - ``scorer.explain``: what a Score/BatchScore with explanation pays (ONNX features + TreeSHAP
+    kernel + ranked Explanation objects),
+  - the TreeSHAP kernel alone (``server.treeshap``),
+  - shap's own C routine (``TreeExplainer``, tree_path_dependent) on the same trees, for comparison;
+  - the plain score (ONNX only), for scale;
+* the longest gap an asyncio loop sees between 1 ms ticks while another thread explains the batch
+  (the kernel releases the GIL; shap's C routine does not).
+
+Runs a few seconds. Command line: ``credscope-bench-explain --help``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import threading
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+
+def _per_call_seconds(fn: Callable[[], object], budget: float, max_reps: int) -> float:
+    """Median seconds per call of ``fn`` over at most ``max_reps`` calls or ``budget`` seconds."""
+    fn()  # warm-up
+    times: list[float] = []
+    deadline = time.perf_counter() + budget
+    while len(times) < max_reps and (not times or time.perf_counter() < deadline):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))
+
+
+def _loop_stall(work: Callable[[], object]) -> float:
+    """Longest gap (seconds) between 1 ms ticks of an asyncio loop while ``work`` runs in a thread."""
+
+    async def main() -> float:
+        done = threading.Event()
+        worst = 0.0
+
+        def run() -> None:
+            try:
+                work()
+            finally:
+                done.set()
+
+        thread = threading.Thread(target=run)
+        last = time.perf_counter()
+        thread.start()
+        while not done.is_set():
+            await asyncio.sleep(0.001)
+            now = time.perf_counter()
+            worst = max(worst, now - last - 0.001)
+            last = now
+        thread.join()
+        return worst
+
+    return asyncio.run(main())
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="credscope-bench-explain",
+        description="Measure the cost of SHAP explanations per applicant (1 applicant and a batch) for the "
+                    "model in the store, against shap's own TreeExplainer, and the event-loop stall they cause.")
+    parser.add_argument("--model-dir", type=Path, default=Path("models"), help="model store (default %(default)s)")
+    parser.add_argument("--version", default=None, help="model version (default: the ACTIVE one)")
+    parser.add_argument("--batch", type=int, default=100, help="batch size (default %(default)s)")
+    parser.add_argument("--seconds", type=float, default=0.5,
+                        help="time budget per measurement (default %(default)s)")
+    parser.add_argument("--seed", type=int, default=1, help="seed of the synthetic applicants (default %(default)s)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``credscope-bench-explain``."""
+    args = _parser().parse_args(argv)
+    if args.batch < 1 or args.seconds <= 0:
+        _parser().error("need --batch >= 1 and --seconds > 0")
+    from server.model import ModelError, load_model
+    from server.scoring import Scorer
+    from server.treeshap import tree_shap
+    from tools.datagen import generate
+    from tools.train import encode_frame
+
+    try:
+        model = load_model(args.model_dir, args.version)
+    except ModelError as exc:
+        print(f"credscope-bench-explain: {exc}", file=sys.stderr)
+        return 2
+    print(f"loading model {model.version} and its explainer ...", file=sys.stderr, flush=True)
+    scorer = Scorer(model)
+    if scorer.explainer is None:
+        print(f"credscope-bench-explain: model {model.version} cannot be explained: {scorer.explain_error}",
+              file=sys.stderr)
+        return 2
+    explainer = scorer.explainer
+    trees = explainer.trees
+    rows = encode_frame(generate(max(args.batch, 2), args.seed))[: args.batch]
+    one = rows[:1]
+    features = model.transform(rows)
+    x = features.astype(np.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        explainer.reference_shap_values(features[:1])  # import shap and build its explainer outside the timings
+    print(f"model {model.version}: {trees.n_trees} trees, {explainer.paths.n_paths} leaves, max depth {trees.max_depth}; "
+          f"batch of {args.batch}", flush=True)
+    budget = args.seconds
+    cases: list[tuple[str, Callable[[np.ndarray], object], Callable[[np.ndarray], object]]] = [
+        ("score only (onnxruntime)", lambda r: scorer.score(r), lambda r: scorer.score(r)),
+        ("scorer.explain (served path)", lambda r: scorer.explain(r), lambda r: scorer.explain(r)),
+        ("TreeSHAP kernel alone", lambda r: tree_shap(explainer.paths, x[: len(r)]),
+         lambda r: tree_shap(explainer.paths, x[: len(r)])),
+        ("shap TreeExplainer C routine", lambda r: explainer.reference_shap_values(features[: len(r)]),
+         lambda r: explainer.reference_shap_values(features[: len(r)])),
+    ]
+    print(f"{'':<32}{'1 applicant':>16}{f'batch of {args.batch}':>20}")
+    for name, single, batch in cases:
+        t1 = _per_call_seconds(lambda s=single: s(one), budget, 2000)
+        tb = _per_call_seconds(lambda b=batch: b(rows), budget, 50) / len(rows)
+        print(f"{name:<32}{t1 * 1e6:>12.0f} µs{tb * 1e6:>13.0f} µs/applicant", flush=True)
+    stall_kernel = _loop_stall(lambda: scorer.explain(rows))
+    stall_shap = _loop_stall(lambda: explainer.reference_shap_values(features))
+    print(f"event-loop stall while a thread explains {args.batch} applicants: "
+          f"kernel {stall_kernel * 1e3:.1f} ms, shap C routine {stall_shap * 1e3:.1f} ms")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
