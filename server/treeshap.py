@@ -129,7 +129,15 @@ def paths_from_trees(children_left: np.ndarray, children_right: np.ndarray, chil
                         base, int(n_features))
 
 
-@njit(nogil=True, cache=True)
+def _jit(fn):  # type: ignore[no-untyped-def]
+    """Compile without the GIL, cached on disk when there is a writable place for numba's cache."""
+    try:
+        return njit(nogil=True, cache=True)(fn)
+    except RuntimeError:  # no cache locator (read-only install, no home): compile once per process
+        return njit(nogil=True)(fn)
+
+
+@_jit
 def _tree_shap_kernel(x: np.ndarray, path_start: np.ndarray, path_value: np.ndarray, elem_feature: np.ndarray,
                       elem_lo: np.ndarray, elem_hi: np.ndarray, elem_nan: np.ndarray, elem_z: np.ndarray,
                       quad_t: np.ndarray, quad_w: np.ndarray, out: np.ndarray) -> None:  # pragma: no cover
