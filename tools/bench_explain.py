@@ -81,6 +81,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--seconds", type=float, default=0.5,
                         help="time budget per measurement (default %(default)s)")
     parser.add_argument("--seed", type=int, default=1, help="seed of the synthetic applicants (default %(default)s)")
+    parser.add_argument("--plot", type=Path, default=None, metavar="PNG",
+                        help="also write the figures as a bar chart to this PNG file (e.g. reports/explain.png)")
     return parser
 
 
@@ -127,16 +129,44 @@ def main(argv: list[str] | None = None) -> int:
          lambda r: explainer.reference_shap_values(features[: len(r)])),
     ]
     print(f"{'µs per applicant, CPU (wall)':<32}{'1 applicant':>18}{f'batch of {args.batch}':>20}")
+    figures: list[tuple[str, float, float]] = []
     for name, single, batch in cases:
         c1, w1 = _per_call_seconds(lambda s=single: s(one), budget, 2000)
         cb, wb = _per_call_seconds(lambda b=batch: b(rows), budget, 50)
         n = len(rows)
+        figures.append((name, c1 * 1e6, cb / n * 1e6))
         print(f"{name:<32}{c1 * 1e6:>9.0f} ({w1 * 1e6:>5.0f}){cb / n * 1e6:>12.0f} ({wb / n * 1e6:>5.0f})", flush=True)
     stall_kernel = _loop_stall(lambda: scorer.explain(rows))
     stall_shap = _loop_stall(lambda: explainer.reference_shap_values(features))
     print(f"event-loop stall while a thread explains {args.batch} applicants: "
           f"kernel {stall_kernel * 1e3:.1f} ms, shap C routine {stall_shap * 1e3:.1f} ms")
+    if args.plot:
+        _plot(args.plot, figures, f"model {model.version}: {trees.n_trees} trees", args.batch)
+        print(f"wrote {args.plot}")
     return 0
+
+
+def _plot(path: Path, figures: list[tuple[str, float, float]], title: str, batch: int) -> None:
+    """Bar chart of CPU µs per applicant, 1 applicant and a batch, per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [f[0] for f in figures]
+    y = np.arange(len(names))
+    fig, ax = plt.subplots(figsize=(8, 3.2))
+    ax.barh(y - 0.2, [f[1] for f in figures], height=0.4, label="1 applicant")
+    ax.barh(y + 0.2, [f[2] for f in figures], height=0.4, label=f"batch of {batch} (per applicant)")
+    ax.set_yticks(y, names)
+    ax.invert_yaxis()
+    ax.set_xlabel("CPU µs per applicant")
+    ax.set_title(f"SHAP explanation cost — {title}")
+    ax.legend(loc="upper right")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 if __name__ == "__main__":
