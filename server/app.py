@@ -10,6 +10,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from credscope.v1 import admin_pb2, admin_pb2_grpc, scoring_pb2, scoring_pb2_grpc
+from server.cached_scoring import open_caches
 from server.interceptors.request_id import RequestIdInterceptor
 from server.runtime import Runtime
 from server.services.admin import AdminService
@@ -39,10 +40,12 @@ class CredScopeServer:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.runtime = Runtime(settings)
+        self.caches = open_caches(settings.cache)
         self.health = health.aio.HealthServicer()
         self.server = grpc.aio.server(interceptors=self.interceptors(), options=server_options(settings))
-        scoring_pb2_grpc.add_ScoringServiceServicer_to_server(ScoringService(self.runtime, settings), self.server)
-        admin_pb2_grpc.add_AdminServiceServicer_to_server(AdminService(), self.server)
+        scoring_pb2_grpc.add_ScoringServiceServicer_to_server(ScoringService(self.runtime, settings, self.caches),
+                                                              self.server)
+        admin_pb2_grpc.add_AdminServiceServicer_to_server(AdminService(caches=self.caches), self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection((*SERVED, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server)
         self.port = 0
@@ -64,6 +67,7 @@ class CredScopeServer:
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         await self.server.start()
         scorer = await asyncio.to_thread(self.runtime.load)
+        await self._log_cache()
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         log.info("serving model %s on %s:%d", scorer.version, s.host, self.port)
         return self.port
@@ -77,6 +81,17 @@ class CredScopeServer:
         if drain > 0:
             await asyncio.sleep(drain)
         await self.server.stop(self.settings.server.grace_seconds if grace is None else grace)
+        await self.caches.close()
+
+    async def _log_cache(self) -> None:
+        """Say which cache serves (a Redis that does not answer yet is not fatal: scoring goes uncached)."""
+        c = self.caches
+        if not c.enabled:
+            log.info("caches disabled")
+        elif await c.check():
+            log.info("caches: %s (%s)", c.kind, c.where)
+        else:
+            log.warning("caches: %s (%s) does not answer; scoring goes on uncached until it does", c.kind, c.where)
 
     async def wait(self) -> None:
         await self.server.wait_for_termination()

@@ -8,6 +8,7 @@ import grpc
 
 from credscope.v1 import scoring_pb2, scoring_pb2_grpc
 from server import context as rc
+from server.cached_scoring import Caches, score_rows
 from server.convert import applicant_to_row, fill_prediction, rows_to_matrix, timestamp
 from server.errors import InvalidArgument, Unimplemented, Violation
 from server.interceptors.request_id import REQUEST_ID_HELP, valid_request_id
@@ -31,9 +32,10 @@ def _request_id(given: str, field: str = "request_id") -> str:
 
 
 class ScoringService(scoring_pb2_grpc.ScoringServiceServicer):
-    def __init__(self, runtime: Runtime, settings: Settings) -> None:
+    def __init__(self, runtime: Runtime, settings: Settings, caches: Caches | None = None) -> None:
         self.runtime = runtime
         self.settings = settings
+        self.caches = caches
 
     async def Score(self, request: scoring_pb2.ScoreRequest, context: grpc.aio.ServicerContext
                     ) -> scoring_pb2.ScoreResponse:
@@ -45,9 +47,9 @@ class ScoringService(scoring_pb2_grpc.ScoringServiceServicer):
         if violations:
             raise InvalidArgument(f"applicant has {len(violations)} invalid field(s)", violations)
         scorer = self.runtime.scorer
-        result = scorer.score(rows_to_matrix([row]))[0]
+        [(result, from_cache)] = await score_rows(scorer, rows_to_matrix([row]), self.caches)
         response = scoring_pb2.ScoreResponse()
-        fill_prediction(response, result, request_id, from_cache=False)
+        fill_prediction(response, result, request_id, from_cache=from_cache)
         response.timestamp.CopyFrom(timestamp(time.time()))
         response.processing_time_ms = (time.perf_counter() - started) * 1000.0
         return response
@@ -79,8 +81,9 @@ class ScoringService(scoring_pb2_grpc.ScoringServiceServicer):
                 positions.append(i)
         scorer = self.runtime.scorer
         response.model_version = scorer.version
-        for i, res in zip(positions, scorer.score(rows_to_matrix(rows)) if rows else [], strict=True):
-            fill_prediction(response.results[i].prediction, res, f"{request_id}/{i}", from_cache=False)
+        scored = await score_rows(scorer, rows_to_matrix(rows), self.caches) if rows else []
+        for i, (res, from_cache) in zip(positions, scored, strict=True):
+            fill_prediction(response.results[i].prediction, res, f"{request_id}/{i}", from_cache=from_cache)
         response.timestamp.CopyFrom(timestamp(time.time()))
         response.processing_time_ms = (time.perf_counter() - started) * 1000.0
         return response

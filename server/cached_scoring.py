@@ -1,0 +1,292 @@
+"""The cache-aware scoring step, the prediction and explanation caches, and their keys and values.
+
+Keys: ``<model version>:<digest>``, where the digest is a BLAKE2b hash of the applicant's encoded model
+input row (``server.convert.applicant_to_row``: float32 values in schema order, NaN for missing). The row
+is canonical already: field order in the request, an enum left at ``*_UNSPECIFIED`` vs unset, or a
+non-optional field sent as its default all give the same row. The digest also normalises every NaN to one
+bit pattern and -0.0 to 0.0. In Redis the full key is ``<key_prefix>pred:<version>:<digest>`` (predictions)
+or ``<key_prefix>expl:<version>:<digest>`` (explanations). The model version is part of the key and of the
+stored value, so a new model version never serves an old version's result.
+
+Values are compact and never pickled (a network store must not be able to run code here): a prediction is
+a 19-byte struct plus the model version; an explanation is JSON (or bytes, as its caller chooses).
+
+The scoring step (:func:`score_rows`): one lookup (GET, or one MGET for a batch) for all rows; the misses
+are scored in one ONNX call; their results are written back in one pipelined round trip. Over the network
+the write is done behind the response (a bounded number of writes in flight; past that they are dropped
+and counted); the embedded cache is written at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import struct
+from collections.abc import Callable, Coroutine, Sequence
+from typing import Any, Generic, TypeVar
+
+import numpy as np
+
+from server.backends.cache import CacheBackend, CacheSpec, backend_kind, open_backends
+from server.policy import DECISIONS, RISK_LEVELS
+from server.schema import COLUMNS
+from server.scoring import Scorer, ScoreResult
+from server.settings import CacheSettings
+
+log = logging.getLogger("credscope.cache")
+
+PREDICTIONS = "pred"
+EXPLANATIONS = "expl"
+DIGEST_BYTES = 16
+MAX_PENDING_WRITES = 256
+"""Write-behind tasks in flight at most; past that a write is dropped (and counted), never queued."""
+
+V = TypeVar("V")
+_CANONICAL_NAN = np.float32(np.nan)
+
+
+def matrix_digests(matrix: np.ndarray) -> list[str]:
+    """The canonical digest (hex) of each encoded row of a float32 matrix [N, len(COLUMNS)]."""
+    m = np.asarray(matrix, dtype=np.float32).reshape(-1, len(COLUMNS))
+    m = np.where(np.isnan(m), _CANONICAL_NAN, m + np.float32(0.0))  # one NaN bit pattern; -0.0 -> 0.0
+    m = np.ascontiguousarray(m, dtype=np.float32)
+    return [hashlib.blake2b(r.tobytes(), digest_size=DIGEST_BYTES).hexdigest() for r in m]
+
+
+def row_digest(row: Sequence[float] | np.ndarray) -> str:
+    """The canonical digest (hex) of one encoded row (``applicant_to_row``'s first value)."""
+    return matrix_digests(np.asarray(row, dtype=np.float32).reshape(1, -1))[0]
+
+
+def cache_key(version: str, digest: str) -> str:
+    """The key of one entry within a cache namespace."""
+    return f"{version}:{digest}"
+
+
+# Prediction value: format, probability, confidence, decision index, risk-level index, then the version.
+_RESULT = struct.Struct("<BddBB")
+_RESULT_FORMAT = 1
+_DECISION_INDEX = {name: i for i, name in enumerate(DECISIONS)}
+_RISK_INDEX = {name: i for i, name in enumerate(RISK_LEVELS)}
+
+
+def encode_result(result: ScoreResult) -> bytes:
+    """A ScoreResult as bytes (19 + len(model_version))."""
+    return _RESULT.pack(_RESULT_FORMAT, result.probability, result.confidence,
+                        _DECISION_INDEX[result.decision], _RISK_INDEX[result.risk_level]
+                        ) + result.model_version.encode()
+
+
+def decode_result(data: bytes, version: str) -> ScoreResult | None:
+    """The ScoreResult stored in ``data``, or None if it is unreadable or of another model version."""
+    if len(data) < _RESULT.size:
+        return None
+    fmt, probability, confidence, decision, risk = _RESULT.unpack_from(data)
+    if fmt != _RESULT_FORMAT or decision >= len(DECISIONS) or risk >= len(RISK_LEVELS):
+        return None
+    if data[_RESULT.size:] != version.encode():
+        return None
+    return ScoreResult(probability, DECISIONS[decision], RISK_LEVELS[risk], confidence, version)
+
+
+def encode_json(value: Any) -> bytes:
+    """A JSON-able value as compact UTF-8 JSON; bytes pass through untouched (prefixed so they stay apart)."""
+    if isinstance(value, bytes | bytearray | memoryview):
+        return b"b" + bytes(value)
+    return b"j" + json.dumps(value, separators=(",", ":"), allow_nan=True).encode()
+
+
+def decode_json(data: bytes, version: str) -> Any:
+    """Inverse of :func:`encode_json` (None if unreadable)."""
+    tag, body = data[:1], data[1:]
+    if tag == b"b":
+        return body
+    if tag == b"j":
+        try:
+            return json.loads(body)
+        except ValueError:
+            return None
+    return None
+
+
+class ValueCache(Generic[V]):
+    """Typed values over one backend namespace, keyed by model version + row digest.
+
+    ``get``/``get_many`` answer None for a miss (including an unreadable value or a backend failure: the
+    cache fails open). ``put``/``put_many`` wait for the write; ``put_later`` writes behind (over the
+    network) or at once (embedded).
+    """
+
+    def __init__(self, backend: CacheBackend, encode: Callable[[V], bytes],
+                 decode: Callable[[bytes, str], V | None], writer: WriteBehind | None = None) -> None:
+        self.backend = backend
+        self._encode = encode
+        self._decode = decode
+        self._writer = writer or WriteBehind()
+
+    @property
+    def stats(self) -> dict[str, float]:
+        """hits, misses, errors, hit_rate and the other counters of :class:`CacheStats`."""
+        return self.backend.stats.as_dict()
+
+    def _decoded(self, data: bytes | None, version: str) -> V | None:
+        if data is None:
+            return None
+        value = self._decode(data, version)
+        if value is None:
+            self.backend.stats.record_invalid()
+        return value
+
+    async def get(self, version: str, digest: str) -> V | None:
+        return self._decoded(await self.backend.get(cache_key(version, digest)), version)
+
+    async def get_many(self, version: str, digests: Sequence[str]) -> list[V | None]:
+        """One round trip for all ``digests`` (a single GET when there is one)."""
+        if len(digests) == 1:
+            return [await self.get(version, digests[0])]
+        found = await self.backend.mget([cache_key(version, d) for d in digests])
+        return [self._decoded(data, version) for data in found]
+
+    async def put(self, version: str, digest: str, value: V) -> None:
+        await self.backend.set(cache_key(version, digest), self._encode(value))
+
+    async def put_many(self, version: str, items: Sequence[tuple[str, V]]) -> None:
+        """One round trip (a pipeline of SETs with TTL) for all ``items`` of (digest, value)."""
+        if len(items) == 1:
+            await self.put(version, items[0][0], items[0][1])
+        elif items:
+            await self.backend.mset([(cache_key(version, d), self._encode(v)) for d, v in items])
+
+    async def put_later(self, version: str, items: Sequence[tuple[str, V]]) -> None:
+        """Write ``items`` behind the caller over the network; at once into the embedded cache."""
+        if not items:
+            return
+        if self.backend.remote:
+            self._writer.spawn(self.put_many(version, items), self.backend)
+        else:
+            await self.put_many(version, items)
+
+    async def size(self) -> int:
+        return await self.backend.size()
+
+    async def clear(self) -> int:
+        return await self.backend.clear()
+
+
+class WriteBehind:
+    """Background cache writes: bounded in number, awaited on close."""
+
+    def __init__(self, max_pending: int = MAX_PENDING_WRITES) -> None:
+        self.max_pending = max_pending
+        self.dropped = 0
+        self._pending: set[asyncio.Task[None]] = set()
+
+    def spawn(self, coro: Coroutine[Any, Any, None], backend: CacheBackend) -> None:
+        if len(self._pending) >= self.max_pending:
+            coro.close()
+            self.dropped += 1
+            backend.stats.bypassed += 1
+            return
+        task = asyncio.get_running_loop().create_task(coro)
+        self._pending.add(task)
+        task.add_done_callback(self._pending.discard)
+
+    async def drain(self, limit: float = 2.0) -> None:
+        """Wait (at most ``limit`` seconds) for the writes in flight."""
+        if self._pending:
+            await asyncio.wait(list(self._pending), timeout=limit)
+
+
+class Caches:
+    """The prediction and explanation caches of one worker (one backend kind for both).
+
+    ``predictions`` holds :class:`ScoreResult` values; ``explanations`` holds any JSON-able value or bytes
+    (the explanation engine decides the shape), keyed like predictions by model version + row digest::
+
+        digest = row_digest(row)
+        cached = await caches.explanations.get(version, digest)
+        ...
+        await caches.explanations.put_later(version, [(digest, explanation_as_dict)])
+    """
+
+    def __init__(self, predictions: ValueCache[ScoreResult], explanations: ValueCache[Any], *,
+                 enabled: bool = True, kind: str = "memory", where: str = "in-process",
+                 writer: WriteBehind | None = None) -> None:
+        self.predictions = predictions
+        self.explanations = explanations
+        self.enabled = enabled
+        self.kind = kind
+        self.where = where
+        self._writer = writer or WriteBehind()
+
+    @classmethod
+    def from_backends(cls, predictions: CacheBackend, explanations: CacheBackend, *, enabled: bool = True,
+                      where: str = "in-process") -> Caches:
+        writer = WriteBehind()
+        return cls(ValueCache(predictions, encode_result, decode_result, writer),
+                   ValueCache(explanations, encode_json, decode_json, writer),
+                   enabled=enabled, kind=predictions.kind, where=where, writer=writer)
+
+    def stats(self) -> dict[str, dict[str, float]]:
+        """Counters of both caches: ``{"predictions": {...}, "explanations": {...}}``, each with hits,
+        misses, errors, bypassed, hit_rate, sets, evictions, expirations, invalid."""
+        return {"predictions": self.predictions.stats, "explanations": self.explanations.stats}
+
+    async def clear(self) -> tuple[int, int]:
+        """Remove every entry of both caches; return (predictions removed, explanations removed).
+
+        Raises ``server.backends.cache.CacheUnavailable`` when the networked backend does not answer."""
+        return await self.predictions.clear(), await self.explanations.clear()
+
+    async def check(self) -> bool:
+        """Whether the backend answers now (always True for the embedded cache)."""
+        link = getattr(self.predictions.backend, "link", None)
+        return True if link is None else await link.ping()
+
+    async def close(self) -> None:
+        """Finish writes in flight (briefly), then release connections."""
+        await self._writer.drain()
+        await self.predictions.backend.close()
+        await self.explanations.backend.close()
+
+
+def open_caches(settings: CacheSettings) -> Caches:
+    """The caches ``settings`` describe: Redis when ``redis_url`` is set, else the embedded LRU."""
+    specs = {PREDICTIONS: CacheSpec(settings.prediction_max_items, settings.prediction_ttl_seconds),
+             EXPLANATIONS: CacheSpec(settings.explanation_max_items, settings.explanation_ttl_seconds)}
+    url = settings.redis_url or None
+    backends = open_backends(url, specs, key_prefix=settings.key_prefix, timeout=settings.timeout_seconds,
+                             retry_seconds=settings.retry_seconds)
+    kind = backend_kind(url)
+    where = "in-process" if kind == "memory" else backends[PREDICTIONS].link.where  # type: ignore[attr-defined]
+    return Caches.from_backends(backends[PREDICTIONS], backends[EXPLANATIONS], enabled=settings.enabled,
+                                where=where)
+
+
+async def score_rows(scorer: Scorer, matrix: np.ndarray, caches: Caches | None
+                     ) -> list[tuple[ScoreResult, bool]]:
+    """Score an encoded float32 matrix through the prediction cache: (result, from_cache) per row.
+
+    One lookup for all rows, one model call for the misses, one write (behind, over the network) for the
+    newly scored rows. Without caches (or disabled) it is ``scorer.score``.
+    """
+    n = len(matrix)
+    if n == 0:
+        return []
+    if caches is None or not caches.enabled:
+        return [(r, False) for r in scorer.score(matrix)]
+    version = scorer.version
+    digests = matrix_digests(matrix)
+    cache = caches.predictions
+    found = await cache.get_many(version, digests)
+    missing = [i for i, r in enumerate(found) if r is None]
+    if not missing:
+        return [(r, True) for r in found]  # type: ignore[misc]
+    scored = scorer.score(matrix if len(missing) == n else matrix[missing])
+    out: list[tuple[ScoreResult, bool]] = [(r, True) if r is not None else None for r in found]  # type: ignore[misc]
+    for i, result in zip(missing, scored, strict=True):
+        out[i] = (result, False)
+    await cache.put_later(version, [(digests[i], r) for i, r in zip(missing, scored, strict=True)])
+    return out

@@ -1,0 +1,105 @@
+"""The prediction cache over a real gRPC channel: from_cache, BatchScore, ClearCache, Redis shared by servers."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from client import CredScopeClient
+from client.applicants import applicant_from_mapping
+from credscope.v1 import admin_pb2, applicant_pb2
+from tests.helpers import start_server
+
+BASE = {
+    "name_contract_type": "Cash loans", "amt_income_total": 202500, "amt_credit": 406597.5, "amt_annuity": 24700.5,
+    "amt_goods_price": 351000, "name_income_type": "Working", "days_birth": -12000, "days_employed": -2000,
+    "ext_source_2": 0.6, "ext_source_3": 0.5, "cnt_fam_members": 2,
+}
+
+
+def unique_applicants(n: int) -> list[applicant_pb2.Applicant]:
+    """Applicants no other test scores (so the shared server's cache state is this test's own)."""
+    rng = np.random.default_rng(uuid.uuid4().int % 2**32)
+    return [applicant_from_mapping({**BASE, "ext_source_1": float(x), "amt_credit": float(c)})
+            for x, c in zip(rng.uniform(0.01, 0.99, n), rng.uniform(1e5, 1e6, n), strict=True)]
+
+
+def test_second_score_comes_from_the_cache(client: CredScopeClient) -> None:
+    [a] = unique_applicants(1)
+    first = client.score(a)
+    second = client.score(a)
+    assert (first.from_cache, second.from_cache) == (False, True)
+    assert second.default_probability == first.default_probability
+    assert (second.decision, second.risk_level, second.confidence, second.model_version) == \
+        (first.decision, first.risk_level, first.confidence, first.model_version)
+    assert second.request_id != first.request_id  # per call, not cached
+    # The same applicant with its fields in another order on the wire is the same entry.
+    reordered = applicant_pb2.Applicant.FromString(b"".join(
+        applicant_pb2.Applicant(**{f.name: v}).SerializeToString() for f, v in reversed(a.ListFields())))
+    assert client.score(reordered).from_cache is True
+
+
+def test_batch_fills_and_uses_the_cache(client: CredScopeClient) -> None:
+    apps = unique_applicants(30)
+    singles = [client.score(a) for a in apps[:5]]
+    bad = applicant_pb2.Applicant(amt_credit=-1.0)
+    batch = client.batch_score([*apps, bad])
+    hits = [r.prediction.from_cache for r in batch.results[:30]]
+    assert hits == [True] * 5 + [False] * 25
+    assert batch.results[30].HasField("error")
+    for s, r in zip(singles, batch.results, strict=False):
+        assert r.prediction.default_probability == s.default_probability
+    again = client.batch_score(apps)
+    assert all(r.prediction.from_cache for r in again.results)
+    assert [r.prediction.default_probability for r in again.results] == \
+        [r.prediction.default_probability for r in batch.results[:30]]
+    assert client.score(apps[29]).from_cache is True
+
+
+def test_clear_cache_says_how_many_entries_it_removed(client: CredScopeClient) -> None:
+    apps = unique_applicants(4)
+    client.batch_score(apps)
+    cleared = client.admin_call("ClearCache", admin_pb2.ClearCacheRequest())
+    assert cleared.predictions_removed >= 4 and cleared.explanations_removed == 0
+    assert client.score(apps[0]).from_cache is False
+    assert client.admin_call("ClearCache", admin_pb2.ClearCacheRequest()).predictions_removed == 1
+
+
+@pytest.mark.redis
+def test_redis_cache_is_shared_by_servers(model_dir: Path, tmp_path: Path, redis_url: str,
+                                          redis_prefix: str) -> None:
+    env = {"CREDSCOPE_AUTH__ALLOW_ANONYMOUS": "true", "CREDSCOPE_REDIS_URL": redis_url,
+           "CREDSCOPE_CACHE__KEY_PREFIX": redis_prefix, "CREDSCOPE_CACHE__TIMEOUT_SECONDS": "2"}
+    one = start_server(model_dir, cwd=tmp_path, env=env)
+    two = start_server(model_dir, cwd=tmp_path, env=env)
+    try:
+        apps = unique_applicants(10)
+        with CredScopeClient(one.target) as c1, CredScopeClient(two.target) as c2:
+            first = c1.batch_score(apps)
+            assert not any(r.prediction.from_cache for r in first.results)
+            # Written behind the response: the other server sees it within a bounded wait.
+            deadline = time.monotonic() + 10
+            while not (r2 := c2.score(apps[0])).from_cache:
+                assert time.monotonic() < deadline, "server two never saw server one's result"
+                time.sleep(0.05)
+            assert r2.default_probability == first.results[0].prediction.default_probability
+            deadline = time.monotonic() + 10
+            while True:
+                b2 = c2.batch_score(apps)
+                if all(r.prediction.from_cache for r in b2.results):
+                    break
+                assert time.monotonic() < deadline, "server two never saw all of server one's results"
+                time.sleep(0.05)
+            assert [r.prediction.default_probability for r in b2.results] == \
+                [r.prediction.default_probability for r in first.results]
+            cleared = c2.admin_call("ClearCache", admin_pb2.ClearCacheRequest())
+            assert cleared.predictions_removed == 10
+            assert c1.score(apps[3]).from_cache is False  # cleared for every server
+    finally:
+        one.stop()
+        two.stop()
+    assert "caches: redis" in one.log() and "Traceback" not in one.log() + two.log()
