@@ -86,12 +86,9 @@ class CredScopeServer:
     async def _log_cache(self) -> None:
         """Say which cache serves (a Redis that does not answer yet is not fatal: scoring goes uncached)."""
         c = self.caches
-        if not c.enabled:
-            log.info("caches disabled")
-        elif await c.check():
-            log.info("caches: %s (%s)", c.kind, c.where)
-        else:
-            log.warning("caches: %s (%s) does not answer; scoring goes on uncached until it does", c.kind, c.where)
+        answers = c.enabled and await c.check()
+        log.info("caches: %s (%s)%s", c.kind, c.where, "" if answers else
+                 " - disabled" if not c.enabled else " - not answering yet; scoring goes on uncached until it does")
 
     async def wait(self) -> None:
         await self.server.wait_for_termination()

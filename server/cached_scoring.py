@@ -12,9 +12,10 @@ Values are compact and never pickled (a network store must not be able to run co
 a 19-byte struct plus the model version; an explanation is JSON (or bytes, as its caller chooses).
 
 The scoring step (:func:`score_rows`): one lookup (GET, or one MGET for a batch) for all rows; the misses
-are scored in one ONNX call; their results are written back in one pipelined round trip. Over the network
-the write is done behind the response (a bounded number of writes in flight; past that they are dropped
-and counted); the embedded cache is written at once.
+are scored in one ONNX call; their results are written back in one round trip (one command: a script of
+``SET … PX`` per entry). Over the network the write is done behind the response, coalesced with the
+writes of concurrent calls (bounded; past the bound writes are dropped and counted); the embedded cache
+is written at once.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import hashlib
 import json
 import logging
 import struct
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Generic, TypeVar
 
 import numpy as np
@@ -40,8 +41,8 @@ log = logging.getLogger("credscope.cache")
 PREDICTIONS = "pred"
 EXPLANATIONS = "expl"
 DIGEST_BYTES = 16
-MAX_PENDING_WRITES = 256
-"""Write-behind tasks in flight at most; past that a write is dropped (and counted), never queued."""
+MAX_PENDING_WRITES = 10_000
+"""Entries waiting to be written behind, at most; past that a write is dropped (and counted)."""
 
 V = TypeVar("V")
 _CANONICAL_NAN = np.float32(np.nan)
@@ -49,10 +50,12 @@ _CANONICAL_NAN = np.float32(np.nan)
 
 def matrix_digests(matrix: np.ndarray) -> list[str]:
     """The canonical digest (hex) of each encoded row of a float32 matrix [N, len(COLUMNS)]."""
-    m = np.asarray(matrix, dtype=np.float32).reshape(-1, len(COLUMNS))
-    m = np.where(np.isnan(m), _CANONICAL_NAN, m + np.float32(0.0))  # one NaN bit pattern; -0.0 -> 0.0
-    m = np.ascontiguousarray(m, dtype=np.float32)
-    return [hashlib.blake2b(r.tobytes(), digest_size=DIGEST_BYTES).hexdigest() for r in m]
+    m = np.array(matrix, dtype=np.float32, copy=True).reshape(-1, len(COLUMNS))
+    m += np.float32(0.0)  # -0.0 -> 0.0
+    m[m != m] = _CANONICAL_NAN  # one NaN bit pattern
+    data, width = m.tobytes(), m.shape[1] * 4
+    return [hashlib.blake2b(data[i * width:(i + 1) * width], digest_size=DIGEST_BYTES).hexdigest()
+            for i in range(m.shape[0])]
 
 
 def row_digest(row: Sequence[float] | np.ndarray) -> str:
@@ -120,11 +123,11 @@ class ValueCache(Generic[V]):
     """
 
     def __init__(self, backend: CacheBackend, encode: Callable[[V], bytes],
-                 decode: Callable[[bytes, str], V | None], writer: WriteBehind | None = None) -> None:
+                 decode: Callable[[bytes, str], V | None]) -> None:
         self.backend = backend
         self._encode = encode
         self._decode = decode
-        self._writer = writer or WriteBehind()
+        self.writer = WriteBehind(backend)
 
     @property
     def stats(self) -> dict[str, float]:
@@ -164,7 +167,7 @@ class ValueCache(Generic[V]):
         if not items:
             return
         if self.backend.remote:
-            self._writer.spawn(self.put_many(version, items), self.backend)
+            self.writer.put([(cache_key(version, d), self._encode(v)) for d, v in items])
         else:
             await self.put_many(version, items)
 
@@ -176,27 +179,41 @@ class ValueCache(Generic[V]):
 
 
 class WriteBehind:
-    """Background cache writes: bounded in number, awaited on close."""
+    """Writes behind the caller, coalesced: what is put while a write is in flight goes out with the next
+    one, so concurrent calls share round trips. At most ``max_pending`` entries wait; more are dropped
+    (counted in ``dropped_writes``), never queued without bound."""
 
-    def __init__(self, max_pending: int = MAX_PENDING_WRITES) -> None:
+    def __init__(self, backend: CacheBackend, max_pending: int = MAX_PENDING_WRITES) -> None:
+        self.backend = backend
         self.max_pending = max_pending
-        self.dropped = 0
-        self._pending: set[asyncio.Task[None]] = set()
+        self._buffer: list[tuple[str, bytes]] = []
+        self._task: asyncio.Task[None] | None = None
 
-    def spawn(self, coro: Coroutine[Any, Any, None], backend: CacheBackend) -> None:
-        if len(self._pending) >= self.max_pending:
-            coro.close()
-            self.dropped += 1
-            backend.stats.bypassed += 1
+    @property
+    def pending(self) -> int:
+        return len(self._buffer)
+
+    def put(self, items: Sequence[tuple[str, bytes]]) -> None:
+        room = self.max_pending - len(self._buffer)
+        if room < len(items):
+            self.backend.stats.dropped_writes += len(items) - max(room, 0)
+            items = items[:max(room, 0)]
+        if not items:
             return
-        task = asyncio.get_running_loop().create_task(coro)
-        self._pending.add(task)
-        task.add_done_callback(self._pending.discard)
+        self._buffer.extend(items)
+        if self._task is None or self._task.done():
+            self._task = asyncio.get_running_loop().create_task(self._flush())
+
+    async def _flush(self) -> None:
+        while self._buffer:
+            items, self._buffer = self._buffer, []
+            await self.backend.mset(items)
 
     async def drain(self, limit: float = 2.0) -> None:
-        """Wait (at most ``limit`` seconds) for the writes in flight."""
-        if self._pending:
-            await asyncio.wait(list(self._pending), timeout=limit)
+        """Wait (at most ``limit`` seconds) for the writes waiting or in flight."""
+        task = self._task
+        if task is not None and not task.done():
+            await asyncio.wait([task], timeout=limit)
 
 
 class Caches:
@@ -212,26 +229,24 @@ class Caches:
     """
 
     def __init__(self, predictions: ValueCache[ScoreResult], explanations: ValueCache[Any], *,
-                 enabled: bool = True, kind: str = "memory", where: str = "in-process",
-                 writer: WriteBehind | None = None) -> None:
+                 enabled: bool = True, kind: str = "memory", where: str = "in-process") -> None:
         self.predictions = predictions
         self.explanations = explanations
         self.enabled = enabled
         self.kind = kind
         self.where = where
-        self._writer = writer or WriteBehind()
 
     @classmethod
     def from_backends(cls, predictions: CacheBackend, explanations: CacheBackend, *, enabled: bool = True,
                       where: str = "in-process") -> Caches:
-        writer = WriteBehind()
-        return cls(ValueCache(predictions, encode_result, decode_result, writer),
-                   ValueCache(explanations, encode_json, decode_json, writer),
-                   enabled=enabled, kind=predictions.kind, where=where, writer=writer)
+        return cls(ValueCache(predictions, encode_result, decode_result),
+                   ValueCache(explanations, encode_json, decode_json),
+                   enabled=enabled, kind=predictions.kind, where=where)
 
     def stats(self) -> dict[str, dict[str, float]]:
         """Counters of both caches: ``{"predictions": {...}, "explanations": {...}}``, each with hits,
-        misses, errors, bypassed, hit_rate, sets, evictions, expirations, invalid."""
+        misses, errors, bypassed, hit_rate, sets, evictions, expirations, invalid, dropped_writes (see
+        ``server.backends.cache.CacheStats``). Cheap and synchronous: fit for a metrics collector."""
         return {"predictions": self.predictions.stats, "explanations": self.explanations.stats}
 
     async def clear(self) -> tuple[int, int]:
@@ -245,9 +260,14 @@ class Caches:
         link = getattr(self.predictions.backend, "link", None)
         return True if link is None else await link.ping()
 
+    async def drain(self, limit: float = 2.0) -> None:
+        """Wait (at most ``limit`` seconds each) for the writes behind of both caches."""
+        await self.predictions.writer.drain(limit)
+        await self.explanations.writer.drain(limit)
+
     async def close(self) -> None:
         """Finish writes in flight (briefly), then release connections."""
-        await self._writer.drain()
+        await self.drain()
         await self.predictions.backend.close()
         await self.explanations.backend.close()
 

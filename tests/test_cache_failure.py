@@ -13,9 +13,10 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import grpc
 import pytest
 
-from client import CredScopeClient
+from client import CredScopeClient, CredScopeRpcError
 from client.applicants import applicant_from_mapping
 from credscope.v1 import admin_pb2
 from server.backends.cache import CacheUnavailable, RedisCache, RedisLink
@@ -123,6 +124,28 @@ async def test_a_redis_that_does_not_answer_is_bounded_by_the_timeout(redis_proc
         await link.close()
 
 
+def test_server_with_a_dead_redis_serves_uncached(model_dir: Path, tmp_path: Path) -> None:
+    sp = start_server(model_dir, cwd=tmp_path, env={
+        "CREDSCOPE_AUTH__ALLOW_ANONYMOUS": "true", "CREDSCOPE_REDIS_URL": f"redis://127.0.0.1:{free_port()}/0",
+        "CREDSCOPE_CACHE__RETRY_SECONDS": "0.05"})
+    try:
+        a = applicant_from_mapping(BASE)
+        with CredScopeClient(sp.target, timeout=10) as c:
+            results = [c.score(a) for _ in range(20)]
+            batch = c.batch_score([a] * 5)
+            with pytest.raises(CredScopeRpcError) as e:
+                c.admin_call("ClearCache", admin_pb2.ClearCacheRequest())
+        assert [r.from_cache for r in results] == [False] * 20
+        assert len({r.default_probability for r in results}) == 1
+        assert [r.prediction.from_cache for r in batch.results] == [False] * 5
+        assert e.value.code == grpc.StatusCode.UNAVAILABLE and "cache backend did not answer" in e.value.message
+    finally:
+        sp.stop()
+    log = sp.log()
+    assert log.count("unavailable (") == 1 and "not answering yet" in log, log
+    assert "Traceback" not in log
+
+
 def test_score_never_fails_while_redis_is_killed_paused_and_restarted(model_dir: Path, tmp_path: Path,
                                                                       redis_proc: RedisProcess) -> None:
     """A server under load against its own Redis: kill Redis, keep scoring (no failed call, nothing from
@@ -200,6 +223,5 @@ def test_score_never_fails_while_redis_is_killed_paused_and_restarted(model_dir:
             cleared = c.admin_call("ClearCache", admin_pb2.ClearCacheRequest())
         assert 1 <= cleared.predictions_removed <= len(applicants)
         assert sp.proc.poll() is None  # the same server process throughout
-        print(log)
     finally:
         sp.stop()

@@ -52,6 +52,18 @@ REDIS_SCHEMES = ("redis", "rediss", "unix")
 ADMIN_TIMEOUT_SECONDS = 5.0
 """Bound of one Redis call made by an admin operation (SCAN/UNLINK batches of clear and size)."""
 SCAN_COUNT = 1000
+PER_KEY_SECONDS = 0.0001
+"""A call on n keys (MGET, MSET) may take ``timeout + n * PER_KEY_SECONDS`` (0.1 s more for 1,000 keys)."""
+MSET_CHUNK = 1000
+"""Most entries written by one call (a bigger MSET is split, so Redis is never blocked long)."""
+MSET_PX = """
+local px = ARGV[1]
+for i = 1, #KEYS do
+  redis.call('SET', KEYS[i], ARGV[i + 1], 'PX', px)
+end
+return #KEYS
+"""
+"""SET with a TTL for many keys in one command (one round trip, far less client work than a pipeline)."""
 
 
 class CacheUnavailable(Exception):  # noqa: N818 - reads as a state, like the gRPC status it becomes
@@ -86,6 +98,8 @@ class CacheStats:
     """Entries found expired (embedded cache only; Redis expires on its own)."""
     invalid: int = 0
     """Stored values that could not be decoded (counted as misses, not hits)."""
+    dropped_writes: int = 0
+    """Write-behind writes dropped because too many were already in flight."""
 
     @property
     def hit_rate(self) -> float:
@@ -265,6 +279,7 @@ class RedisLink:
         self.client = aioredis.Redis.from_url(
             url, socket_timeout=timeout, socket_connect_timeout=timeout, retry=Retry(NoBackoff(), 1),
             decode_responses=False, client_name="credscope")
+        self.mset_px = self.client.register_script(MSET_PX)
         self._retry_at: float | None = None  # None: circuit closed
         self._epoch = 0  # bumped when the circuit opens; a call that started before cannot close it
         self._down_since = 0.0
@@ -303,8 +318,8 @@ class RedisLink:
             self._retry_at = None
         self._probing = False
 
-    async def call(self, fn: Callable[[], Awaitable[T]], *, admin: bool = False) -> T:
-        """Run one Redis operation under the timeout and the circuit.
+    async def call(self, fn: Callable[[], Awaitable[T]], *, admin: bool = False, keys: int = 1) -> T:
+        """Run one Redis operation under the timeout (plus ``PER_KEY_SECONDS`` a key) and the circuit.
 
         Raises :class:`CacheBypassed` when the circuit is open (admin calls go through anyway) and
         :class:`CacheUnavailable` when Redis fails or does not answer in time.
@@ -313,7 +328,7 @@ class RedisLink:
             raise CacheBypassed(f"Redis at {self.where} is unavailable")
         epoch = self._epoch
         try:
-            async with asyncio.timeout(self.admin_timeout if admin else self.timeout):
+            async with asyncio.timeout(self.admin_timeout if admin else self.timeout + keys * PER_KEY_SECONDS):
                 result = await fn()
         except (RedisError, OSError, TimeoutError) as exc:
             self._failed(exc)
@@ -325,8 +340,9 @@ class RedisLink:
         return result
 
     async def ping(self) -> bool:
+        """Whether Redis answers within the timeout (a failure opens the circuit, like any call)."""
         try:
-            await self.call(self.client.ping, admin=True)
+            await self.call(self.client.ping)
         except CacheUnavailable:
             return False
         return True
@@ -392,7 +408,8 @@ class RedisCache:
             return []
         full = [self.prefix + k for k in keys]
         try:
-            values = cast("list[bytes | None]", await self.link.call(lambda: self.client.mget(full)))
+            values = cast("list[bytes | None]",
+                          await self.link.call(lambda: self.client.mget(full), keys=len(full)))
         except CacheUnavailable as exc:
             self._failure(exc, len(full))
             return [None] * len(full)
@@ -409,22 +426,20 @@ class RedisCache:
         self.stats.sets += 1
 
     async def mset(self, items: Sequence[tuple[str, bytes]]) -> None:
-        if not items:
+        """One command (a server-side script of ``SET key value PX ttl``) per ``MSET_CHUNK`` entries."""
+        if len(items) == 1:
+            await self.set(*items[0])
             return
-        prefix, px = self.prefix, self._px
-
-        async def pipelined() -> None:
-            async with self.client.pipeline(transaction=False) as pipe:
-                for key, value in items:
-                    pipe.set(prefix + key, value, px=px)
-                await pipe.execute()
-
-        try:
-            await self.link.call(pipelined)
-        except CacheUnavailable as exc:
-            self._failure(exc)
-            return
-        self.stats.sets += len(items)
+        for start in range(0, len(items), MSET_CHUNK):
+            chunk = items[start:start + MSET_CHUNK]
+            keys = [self.prefix + k for k, _ in chunk]
+            args: list[bytes | int] = [self._px, *(v for _, v in chunk)]
+            try:
+                await self.link.call(functools.partial(self.link.mset_px, keys=keys, args=args), keys=len(keys))
+            except CacheUnavailable as exc:
+                self._failure(exc)
+                return
+            self.stats.sets += len(chunk)
 
     async def _scan(self, visit: Callable[[list[bytes]], Awaitable[None]]) -> None:
         match = glob_escape(self.prefix) + "*"
