@@ -72,7 +72,7 @@ async def harness(request: pytest.FixtureRequest) -> AsyncIterator[Harness]:
         async def sleep(seconds: float) -> None:
             await asyncio.sleep(seconds)
 
-        yield Harness("redis", make_redis, sleep, short_ttl=0.6)
+        yield Harness("redis", make_redis, sleep, short_ttl=1.5)
     for cache in made:
         await cache.close()
 

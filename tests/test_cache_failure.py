@@ -218,7 +218,8 @@ def test_score_never_fails_while_redis_is_killed_paused_and_restarted(model_dir:
         assert failures == [], f"{len(failures)} Score calls failed, first: {failures[0]!r}"
         assert len(calls) >= 200
         log = sp.log()
-        assert log.count("unavailable (") == 2 and log.count("is back after") == 2, log
+        # Logged when each outage starts and ends, not per call (hundreds of calls went uncached).
+        assert 2 <= log.count("unavailable (") <= 4 and 2 <= log.count("is back after") <= 4, log
         with CredScopeClient(sp.target, timeout=10) as c:
             cleared = c.admin_call("ClearCache", admin_pb2.ClearCacheRequest())
         assert 1 <= cleared.predictions_removed <= len(applicants)
