@@ -37,6 +37,7 @@ $(MODEL_DIR)/ACTIVE: | $(VENV)/.installed
 model: $(MODEL_DIR)/ACTIVE  ## build the model if it is missing (synthetic Home Credit-shaped data)
 
 run: install model  ## start the server on :$(PORT) with embedded backends
+	@echo "Calls need an API key. Make a demo key in another shell:  export CREDSCOPE_API_KEY=\$$($(VENV)/bin/credscope-keys create --name demo --tier free)"
 	$(VENV)/bin/credscope-server --port $(PORT) --model-dir $(MODEL_DIR)
 
 test: install-dev  ## run the whole test suite

@@ -197,7 +197,7 @@ def test_model_info(client: CredScopeClient, model) -> None:  # type: ignore[no-
 
 def test_admin_rpcs_are_not_open(client: CredScopeClient) -> None:
     with pytest.raises(CredScopeRpcError) as e:
-        client.admin_call("ListApiKeys", admin_pb2.ListApiKeysRequest())
+        client.admin_call("ClearCache", admin_pb2.ClearCacheRequest())
     assert e.value.code in (grpc.StatusCode.UNIMPLEMENTED, grpc.StatusCode.PERMISSION_DENIED,
                             grpc.StatusCode.UNAUTHENTICATED)
 

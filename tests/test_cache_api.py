@@ -12,7 +12,7 @@ import pytest
 from client import CredScopeClient
 from client.applicants import applicant_from_mapping
 from credscope.v1 import admin_pb2, applicant_pb2
-from tests.helpers import start_server
+from tests.helpers import make_api_key, start_server
 
 BASE = {
     "name_contract_type": "Cash loans", "amt_income_total": 202500, "amt_credit": 406597.5, "amt_annuity": 24700.5,
@@ -60,19 +60,22 @@ def test_batch_fills_and_uses_the_cache(client: CredScopeClient) -> None:
     assert client.score(apps[29]).from_cache is True
 
 
-def test_clear_cache_says_how_many_entries_it_removed(client: CredScopeClient) -> None:
+def test_clear_cache_says_how_many_entries_it_removed(server, client: CredScopeClient,  # type: ignore[no-untyped-def]
+                                                      admin_key: str) -> None:
     apps = unique_applicants(4)
     client.batch_score(apps)
-    cleared = client.admin_call("ClearCache", admin_pb2.ClearCacheRequest())
-    assert cleared.predictions_removed >= 4 and cleared.explanations_removed == 0
-    assert client.score(apps[0]).from_cache is False
-    assert client.admin_call("ClearCache", admin_pb2.ClearCacheRequest()).predictions_removed == 1
+    with CredScopeClient(server.target, api_key=admin_key) as admin:
+        cleared = admin.admin_call("ClearCache", admin_pb2.ClearCacheRequest())
+        assert cleared.predictions_removed >= 4 and cleared.explanations_removed == 0
+        assert client.score(apps[0]).from_cache is False
+        assert admin.admin_call("ClearCache", admin_pb2.ClearCacheRequest()).predictions_removed == 1
 
 
 @pytest.mark.redis
 def test_redis_cache_is_shared_by_servers(model_dir: Path, tmp_path: Path, redis_url: str,
                                           redis_prefix: str) -> None:
-    env = {"CREDSCOPE_AUTH__ALLOW_ANONYMOUS": "true", "CREDSCOPE_REDIS_URL": redis_url,
+    env = {"CREDSCOPE_AUTH__ALLOW_ANONYMOUS": "true", "CREDSCOPE_RATE_LIMIT__FREE_PER_HOUR": "1000000",
+           "CREDSCOPE_REDIS_URL": redis_url,
            "CREDSCOPE_CACHE__KEY_PREFIX": redis_prefix, "CREDSCOPE_CACHE__TIMEOUT_SECONDS": "2"}
     one = start_server(model_dir, cwd=tmp_path, env=env)
     two = start_server(model_dir, cwd=tmp_path, env=env)
@@ -96,10 +99,58 @@ def test_redis_cache_is_shared_by_servers(model_dir: Path, tmp_path: Path, redis
                 time.sleep(0.05)
             assert [r.prediction.default_probability for r in b2.results] == \
                 [r.prediction.default_probability for r in first.results]
-            cleared = c2.admin_call("ClearCache", admin_pb2.ClearCacheRequest())
+            with CredScopeClient(two.target, api_key=make_api_key(two.cwd)) as admin:
+                cleared = admin.admin_call("ClearCache", admin_pb2.ClearCacheRequest())
             assert cleared.predictions_removed == 10
             assert c1.score(apps[3]).from_cache is False  # cleared for every server
     finally:
         one.stop()
         two.stop()
     assert "caches: redis" in one.log() and "Traceback" not in one.log() + two.log()
+
+
+@pytest.fixture(scope="module")
+def two_version_store(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str, str]:
+    """A store holding the session model (ACTIVE) and a second, small version."""
+    import shutil
+
+    from server.model import active_version
+    from tools.train import train
+
+    store = tmp_path_factory.mktemp("store")
+    first = active_version(model_dir)
+    assert first
+    shutil.copytree(model_dir / first, store / first)
+    (store / "ACTIVE").write_text(first)
+    second = train(model_dir=store, rows=8_000, seed=13, n_estimators=30, quiet=True, activate=False).version
+    assert second != first
+    return store, first, second
+
+
+def test_a_new_model_version_never_serves_an_old_result(two_version_store: tuple[Path, str, str],
+                                                        tmp_path: Path) -> None:
+    """ActivateModel on a running server: the cached result of the old version is not served for the new
+    one; switching back serves the old version's entries again (they are still right for it)."""
+    from server.convert import applicant_to_row, rows_to_matrix
+    from server.model import load_model
+
+    store, first, second = two_version_store
+    [a] = unique_applicants(1)
+    expected = {v: float(load_model(store, v).predict_proba(rows_to_matrix([applicant_to_row(a)[0]]))[0])
+                for v in (first, second)}
+    sp = start_server(store, cwd=tmp_path, env={"CREDSCOPE_AUTH__ALLOW_ANONYMOUS": "true",
+                                                "CREDSCOPE_RATE_LIMIT__FREE_PER_HOUR": "1000000"})
+    try:
+        with CredScopeClient(sp.target) as c, CredScopeClient(sp.target, api_key=make_api_key(sp.cwd)) as admin:
+            def score() -> tuple[bool, str, float]:
+                r = c.score(a)
+                return r.from_cache, r.model_version, r.default_probability
+
+            assert [score() for _ in range(2)] == [(False, first, expected[first]), (True, first, expected[first])]
+            admin.admin_call("ActivateModel", admin_pb2.ActivateModelRequest(version=second))
+            assert [score() for _ in range(2)] == [(False, second, expected[second]),
+                                                   (True, second, expected[second])]
+            admin.admin_call("ActivateModel", admin_pb2.ActivateModelRequest(version=first))
+            assert score() == (True, first, expected[first])
+    finally:
+        sp.stop()

@@ -21,7 +21,7 @@ from client.applicants import applicant_from_mapping
 from credscope.v1 import admin_pb2
 from server.backends.cache import CacheUnavailable, RedisCache, RedisLink
 from tests.conftest import require_service
-from tests.helpers import start_server
+from tests.helpers import make_api_key, start_server
 from tests.redis_process import RedisProcess, free_port
 
 BASE = {
@@ -126,15 +126,17 @@ async def test_a_redis_that_does_not_answer_is_bounded_by_the_timeout(redis_proc
 
 def test_server_with_a_dead_redis_serves_uncached(model_dir: Path, tmp_path: Path) -> None:
     sp = start_server(model_dir, cwd=tmp_path, env={
-        "CREDSCOPE_AUTH__ALLOW_ANONYMOUS": "true", "CREDSCOPE_REDIS_URL": f"redis://127.0.0.1:{free_port()}/0",
+        "CREDSCOPE_AUTH__ALLOW_ANONYMOUS": "true", "CREDSCOPE_RATE_LIMIT__FREE_PER_HOUR": "1000000",
+        "CREDSCOPE_REDIS_URL": f"redis://127.0.0.1:{free_port()}/0",
         "CREDSCOPE_CACHE__RETRY_SECONDS": "0.05"})
     try:
         a = applicant_from_mapping(BASE)
-        with CredScopeClient(sp.target, timeout=10) as c:
+        with CredScopeClient(sp.target, timeout=10) as c, \
+                CredScopeClient(sp.target, api_key=make_api_key(sp.cwd), timeout=10) as admin:
             results = [c.score(a) for _ in range(20)]
             batch = c.batch_score([a] * 5)
             with pytest.raises(CredScopeRpcError) as e:
-                c.admin_call("ClearCache", admin_pb2.ClearCacheRequest())
+                admin.admin_call("ClearCache", admin_pb2.ClearCacheRequest())
         assert [r.from_cache for r in results] == [False] * 20
         assert len({r.default_probability for r in results}) == 1
         assert [r.prediction.from_cache for r in batch.results] == [False] * 5
@@ -152,7 +154,8 @@ def test_score_never_fails_while_redis_is_killed_paused_and_restarted(model_dir:
     the cache), restart it on the same port, see cache hits again; then pause it (a Redis that does not
     answer) and resume it. The server is never restarted."""
     sp = start_server(model_dir, cwd=tmp_path, env={
-        "CREDSCOPE_AUTH__ALLOW_ANONYMOUS": "true", "CREDSCOPE_REDIS_URL": redis_proc.url,
+        "CREDSCOPE_AUTH__ALLOW_ANONYMOUS": "true", "CREDSCOPE_RATE_LIMIT__FREE_PER_HOUR": "1000000",
+        "CREDSCOPE_REDIS_URL": redis_proc.url,
         "CREDSCOPE_CACHE__TIMEOUT_SECONDS": "0.5", "CREDSCOPE_CACHE__RETRY_SECONDS": "0.2"})
     applicants = [applicant_from_mapping({**BASE, "ext_source_2": 0.05 + i * 0.04}) for i in range(20)]
     lock = threading.Lock()
@@ -220,7 +223,7 @@ def test_score_never_fails_while_redis_is_killed_paused_and_restarted(model_dir:
         log = sp.log()
         # Logged when each outage starts and ends, not per call (hundreds of calls went uncached).
         assert 2 <= log.count("unavailable (") <= 4 and 2 <= log.count("is back after") <= 4, log
-        with CredScopeClient(sp.target, timeout=10) as c:
+        with CredScopeClient(sp.target, api_key=make_api_key(sp.cwd), timeout=10) as c:
             cleared = c.admin_call("ClearCache", admin_pb2.ClearCacheRequest())
         assert 1 <= cleared.predictions_removed <= len(applicants)
         assert sp.proc.poll() is None  # the same server process throughout
