@@ -12,6 +12,7 @@ import numpy as np
 
 from credscope.v1 import scoring_pb2, scoring_pb2_grpc
 from server import context as rc
+from server.cached_scoring import Caches, explain_rows, score_rows
 from server.convert import (
     applicant_to_row,
     explain_top_k,
@@ -50,18 +51,23 @@ def _request_id(given: str, field: str = "request_id") -> str:
 
 
 class ScoringService(scoring_pb2_grpc.ScoringServiceServicer):
-    def __init__(self, runtime: Runtime, settings: Settings) -> None:
+    def __init__(self, runtime: Runtime, settings: Settings, caches: Caches | None = None) -> None:
         self.runtime = runtime
         self.settings = settings
+        self.caches = caches
         self._explain_pool = ThreadPoolExecutor(settings.model.explain_threads, thread_name_prefix="explain")
 
-    async def _explain(self, scorer: Scorer, matrix: np.ndarray) -> list[Explanation]:
+    async def _compute_explanations(self, scorer: Scorer, matrix: np.ndarray) -> list[Explanation]:
         """SHAP explanations computed in the explain thread pool, so the event loop keeps serving."""
         call = contextvars.copy_context().run
         try:
             return await asyncio.get_running_loop().run_in_executor(self._explain_pool, call, scorer.explain, matrix)
         except ExplainError as exc:
             raise FailedPrecondition(f"model {scorer.version} cannot be explained: {exc}") from exc
+
+    async def _explain(self, scorer: Scorer, matrix: np.ndarray) -> list[Explanation]:
+        """Explanations through the explanation cache (computed for the misses only)."""
+        return await explain_rows(scorer, matrix, self.caches, self._compute_explanations)
 
     async def Score(self, request: scoring_pb2.ScoreRequest, context: grpc.aio.ServicerContext
                     ) -> scoring_pb2.ScoreResponse:
@@ -75,9 +81,9 @@ class ScoringService(scoring_pb2_grpc.ScoringServiceServicer):
         scorer = self.runtime.scorer
         top_k = explain_top_k(request.explain, len(scorer.model.features))
         matrix = rows_to_matrix([row])
-        result = scorer.score(matrix)[0]
+        [(result, from_cache)] = await score_rows(scorer, matrix, self.caches)
         response = scoring_pb2.ScoreResponse()
-        fill_prediction(response, result, request_id, from_cache=False)
+        fill_prediction(response, result, request_id, from_cache=from_cache)
         if top_k is not None:
             explanation = (await self._explain(scorer, matrix))[0].top(top_k)
             fill_explanation(response.explanation, explanation)
@@ -118,9 +124,10 @@ class ScoringService(scoring_pb2_grpc.ScoringServiceServicer):
         scorer = self.runtime.scorer
         response.model_version = scorer.version
         matrix = rows_to_matrix(rows)
-        scored = scorer.score(matrix) if rows else []
-        for i, res in zip(positions, scored, strict=True):
-            fill_prediction(response.results[i].prediction, res, f"{request_id}/{i}", from_cache=False)
+        pairs = await score_rows(scorer, matrix, self.caches) if rows else []
+        scored = [res for res, _ in pairs]
+        for i, (res, from_cache) in zip(positions, pairs, strict=True):
+            fill_prediction(response.results[i].prediction, res, f"{request_id}/{i}", from_cache=from_cache)
         if top_k is not None and rows:
             for i, explanation in zip(positions, await self._explain(scorer, matrix), strict=True):
                 fill_explanation(response.results[i].prediction.explanation, explanation.top(top_k))
