@@ -12,6 +12,7 @@ from grpc_reflection.v1alpha import reflection
 from credscope.v1 import admin_pb2, admin_pb2_grpc, scoring_pb2, scoring_pb2_grpc
 from server import db
 from server.audit.writer import AuditWriter
+from server.cached_scoring import open_caches
 from server.interceptors.audit import AuditInterceptor
 from server.interceptors.auth import AuthInterceptor
 from server.interceptors.ratelimit import RateLimitInterceptor
@@ -47,12 +48,15 @@ class CredScopeServer:
         self.settings = settings
         self.runtime = Runtime(settings)
         self.audit = AuditWriter(settings.audit) if settings.audit.enabled else None
+        self.caches = open_caches(settings.cache)
         self.health = health.aio.HealthServicer()
         self.security = Security(settings)
         self.server = grpc.aio.server(interceptors=self.interceptors(), options=server_options(settings))
-        scoring_pb2_grpc.add_ScoringServiceServicer_to_server(ScoringService(self.runtime, settings, audit=self.audit), self.server)
+        scoring_pb2_grpc.add_ScoringServiceServicer_to_server(ScoringService(self.runtime, settings, self.caches, audit=self.audit),
+                                                              self.server)
         admin_pb2_grpc.add_AdminServiceServicer_to_server(
-            AdminService(self.runtime, api_keys=ApiKeyAdmin(self.security), audit=self.audit), self.server)
+            AdminService(self.runtime, api_keys=ApiKeyAdmin(self.security), caches=self.caches,
+                         audit=self.audit), self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection((*SERVED, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server)
         self.port = 0
@@ -86,6 +90,7 @@ class CredScopeServer:
             await self.audit.start()  # applies the migrations; spools (and says so) if the database is down
         await self.server.start()
         scorer = await asyncio.to_thread(self.runtime.load)
+        await self._log_cache()
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         self._watch = asyncio.create_task(self.runtime.watch())
         log.info("serving model %s on %s:%d", scorer.version, s.host, self.port)
@@ -105,6 +110,14 @@ class CredScopeServer:
         if self.audit is not None:
             await self.audit.close()  # drain: every queued record is written or spooled before exit
         await self.security.close()
+        await self.caches.close()
+
+    async def _log_cache(self) -> None:
+        """Say which cache serves (a Redis that does not answer yet is not fatal: scoring goes uncached)."""
+        c = self.caches
+        answers = c.enabled and await c.check()
+        log.info("caches: %s (%s)%s", c.kind, c.where, "" if answers else
+                 " - disabled" if not c.enabled else " - not answering yet; scoring goes on uncached until it does")
 
     async def wait(self) -> None:
         await self.server.wait_for_termination()

@@ -115,6 +115,8 @@ class ModelArtifact:
     proba_output: str = "probabilities"
     proba_column: int = 1
     features_output: str | None = "features"
+    onnx_bytes: bytes | None = field(default=None, repr=False)
+    """The verified bytes of ``model.onnx`` (what the version hashes), e.g. to read its trees for explanations."""
 
     @property
     def features(self) -> tuple[str, ...]:
@@ -125,6 +127,14 @@ class ModelArtifact:
     def onnx_path(self) -> Path:
         """The ONNX file of this version."""
         return self.path / ONNX_FILE
+
+    def onnx_model(self) -> Any:
+        """The ONNX graph as an ``onnx.ModelProto``, parsed from the verified bytes this artifact was loaded from."""
+        import onnx
+
+        if self.onnx_bytes is None:
+            raise ModelError(f"model {self.version} was loaded without its ONNX bytes")
+        return onnx.load_from_string(self.onnx_bytes)
 
     @property
     def decision_policy(self) -> dict[str, Any]:
@@ -245,6 +255,7 @@ def load_model(model_dir: Path, version: str | None = None, *, intra_op_threads:
         proba_output=onnx_meta.get("output_name", "probabilities"),
         proba_column=int(onnx_meta.get("probability_column", 1)),
         features_output=features_output if features_output in outputs else None,
+        onnx_bytes=onnx_bytes,
     )
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field
+from pydantic import AliasChoices, BaseModel, Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -35,6 +35,8 @@ class ModelSettings(BaseModel):
     model_dir: Path = Field(Path("models"), description="Model store: <dir>/<version>/model.onnx + ACTIVE file.")
     version: str | None = Field(None, description="Version to serve; the store's ACTIVE one when unset.")
     intra_op_threads: int = Field(1, ge=0, description="onnxruntime intra-op threads (0 = onnxruntime's choice).")
+    explain_threads: int = Field(1, ge=1, le=64, description="Threads per worker computing SHAP explanations, "
+                                 "off the event loop (the TreeSHAP kernel releases the GIL).")
     watch_seconds: float = Field(2.0, ge=0, description="How often workers check the store's ACTIVE file and "
                                  "switch to the version it names (0 = never).")
 
@@ -72,16 +74,19 @@ class RateLimitSettings(BaseModel):
 
 
 class CacheSettings(BaseModel):
-    """Prediction and explanation caches."""
+    """Prediction and explanation caches (see ``server/backends/cache.py`` and ``server/cached_scoring.py``)."""
 
     enabled: bool = Field(True, description="Use the caches.")
-    redis_url: str | None = Field(None, description="Redis URL; the embedded LRU when unset.")
+    redis_url: str | None = Field(None, description="Redis URL (redis://, rediss://, unix://; memory:// = "
+                                  "embedded); the embedded LRU when unset. CREDSCOPE_REDIS_URL also sets it.")
     key_prefix: str = Field("credscope:", description="Prefix of every Redis key.")
     prediction_max_items: int = Field(10_000, ge=1, description="Prediction cache size (embedded).")
     prediction_ttl_seconds: float = Field(1800, gt=0, description="Prediction cache TTL.")
     explanation_max_items: int = Field(5_000, ge=1, description="Explanation cache size (embedded).")
     explanation_ttl_seconds: float = Field(7200, gt=0, description="Explanation cache TTL.")
     timeout_seconds: float = Field(0.05, gt=0, description="Redis call timeout; past it the call goes uncached.")
+    retry_seconds: float = Field(1.0, gt=0, description="After a Redis failure, calls skip Redis (uncached) "
+                                 "this long before one call tries it again.")
 
 
 class AuditSettings(BaseModel):
@@ -140,3 +145,12 @@ class Settings(BaseSettings):
     telemetry: TelemetrySettings = TelemetrySettings()
     portfolio: PortfolioSettings = PortfolioSettings()
     log_level: str = Field("INFO", description="Logging level.")
+    redis_url: str | None = Field(None, validation_alias=AliasChoices("CREDSCOPE_REDIS_URL"),
+                                  description="CREDSCOPE_REDIS_URL: the cache's Redis when "
+                                  "CREDSCOPE_CACHE__REDIS_URL is unset (that one wins).")
+
+    @model_validator(mode="after")
+    def _redis_url_alias(self) -> Settings:
+        if self.redis_url and not self.cache.redis_url:
+            self.cache.redis_url = self.redis_url
+        return self

@@ -41,13 +41,18 @@ def _tcp_reachable(url: str, default_port: int) -> str | None:
 
 
 @pytest.fixture(scope="session")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A small model (synthetic data, fixed seed) in a fresh model store, built once per run."""
+def trained_model(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    """The training run behind ``model_dir`` (``tools.train.TrainResult``, with the fitted pipeline)."""
     from tools.train import train
 
     out = tmp_path_factory.mktemp("models")
-    train(model_dir=out, rows=20_000, seed=7, n_estimators=80, quiet=True)
-    return out
+    return train(model_dir=out, rows=20_000, seed=7, n_estimators=80, quiet=True)
+
+
+@pytest.fixture(scope="session")
+def model_dir(trained_model) -> Path:  # type: ignore[no-untyped-def]
+    """A small model (synthetic data, fixed seed) in a fresh model store, built once per run."""
+    return trained_model.model_dir
 
 
 @pytest.fixture(scope="session")

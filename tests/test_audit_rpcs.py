@@ -41,7 +41,7 @@ def test_report_outcome(client: CredScopeClient) -> None:
     assert not outcome(client, scored.request_id, scoring_pb2.OUTCOME_DEFAULTED).recorded  # idempotent
     assert outcome(client, scored.request_id, scoring_pb2.OUTCOME_REPAID).recorded  # a correction replaces it
     batch = client.call(client.scoring.BatchScore, scoring_pb2.BatchScoreRequest(
-        applicants=[applicant(), applicant(amt_credit=500_000)]))
+        applicants=[applicant(amt_income_total=181_001), applicant(amt_credit=500_001)]))
     assert outcome(client, batch.results[1].prediction.request_id, scoring_pb2.OUTCOME_REPAID).recorded
 
     with pytest.raises(CredScopeRpcError) as e:
@@ -108,3 +108,23 @@ async def test_calls_auth_refuses_are_audited_and_keys_attributed(server, admin_
                                                f"WHERE request_id = '{scored.request_id}'"))
     key_id, tier, pred_key_id = rows[0]
     assert key_id and key_id == pred_key_id and tier == "enterprise" and key_id not in admin_key.split("_")[-1]
+
+
+async def test_explanations_are_recorded_and_ranked(server, admin_key: str) -> None:  # type: ignore[no-untyped-def]
+    with CredScopeClient(server.target, api_key=admin_key, timeout=30) as admin:
+        r = admin.call(admin.scoring.Score, scoring_pb2.ScoreRequest(
+            applicant=applicant(amt_income_total=177_777), explain=scoring_pb2.ExplainOptions(enabled=True, top_k=4)))
+        batch = admin.call(admin.scoring.BatchScore, scoring_pb2.BatchScoreRequest(
+            applicants=[applicant(amt_income_total=166_666 + i) for i in range(3)],
+            explain=scoring_pb2.ExplainOptions(enabled=True, top_k=3)))
+        top = admin.call(admin.admin.ListTopFeatures, admin_pb2.ListTopFeaturesRequest(limit=100))
+    url = f"sqlite:///{server.cwd / 'credscope.db'}"
+    rows = await fetch(url, "SELECT rank, feature, value, shap_value FROM shap_explanations "  # noqa: S608
+                            f"WHERE request_id = '{r.request_id}' ORDER BY rank")
+    assert rows == [(k + 1, c.feature, c.value if c.HasField("value") else None, c.shap_value)
+                    for k, c in enumerate(r.explanation.contributions)] and len(rows) == 4
+    for p in (x.prediction for x in batch.results):
+        n = await fetch(url, f"SELECT count(*) FROM shap_explanations WHERE request_id = '{p.request_id}'")  # noqa: S608
+        assert n[0][0] == 3
+    recorded = {c.feature for c in r.explanation.contributions}
+    assert recorded <= {f.feature for f in top.features} and all(f.count >= 1 for f in top.features)

@@ -18,6 +18,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from credscope.v1 import admin_pb2, scoring_pb2
+from server.audit.records import Contribution
 from server.audit.store import AuditStoreError, OutcomeResult
 from server.audit.writer import AuditUnavailable, AuditWriter
 from server.convert import DECISION_NAME, RISK_LEVEL
@@ -34,6 +35,14 @@ def result_of(p: Any) -> ScoreResult:
     """The scored result a filled ``Prediction`` / ``ScoreResponse`` carries (for the audit record)."""
     return ScoreResult(p.default_probability, DECISION_NAME[p.decision], _RISK_LEVEL_NAME[p.risk_level],
                        p.confidence, p.model_version)
+
+
+def explanation_of(p: Any) -> list[Contribution] | None:
+    """The explanation a filled ``Prediction`` / ``ScoreResponse`` carries, as audit contributions in rank
+    order (None when the call asked for none)."""
+    if not p.HasField("explanation"):
+        return None
+    return [(c.feature, c.value if c.HasField("value") else None, c.shap_value) for c in p.explanation.contributions]
 
 
 def _writer(writer: AuditWriter | None) -> AuditWriter:

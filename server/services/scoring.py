@@ -2,16 +2,29 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextvars
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import grpc
+import numpy as np
 
 from credscope.v1 import scoring_pb2, scoring_pb2_grpc
 from server import context as rc
 from server.audit.records import audit_prediction
 from server.audit.writer import AuditWriter
-from server.convert import applicant_to_row, fill_prediction, rows_to_matrix, timestamp
-from server.errors import InvalidArgument, Violation
+from server.cached_scoring import Caches, explain_rows, score_rows
+from server.convert import (
+    applicant_to_row,
+    explain_top_k,
+    fill_explanation,
+    fill_prediction,
+    rows_to_matrix,
+    timestamp,
+)
+from server.errors import FailedPrecondition, InvalidArgument, Violation
+from server.explain import ExplainError, Explanation
 from server.interceptors.request_id import REQUEST_ID_HELP, valid_request_id
 from server.model import list_versions, read_metadata
 from server.portfolio_convert import (
@@ -21,7 +34,8 @@ from server.portfolio_convert import (
     portfolio_of,
 )
 from server.runtime import Runtime
-from server.services.audit import report_outcome, result_of
+from server.scoring import Scorer
+from server.services.audit import explanation_of, report_outcome, result_of
 from server.settings import Settings
 
 
@@ -40,10 +54,25 @@ def _request_id(given: str, field: str = "request_id") -> str:
 
 
 class ScoringService(scoring_pb2_grpc.ScoringServiceServicer):
-    def __init__(self, runtime: Runtime, settings: Settings, *, audit: AuditWriter | None = None) -> None:
+    def __init__(self, runtime: Runtime, settings: Settings, caches: Caches | None = None, *,
+                 audit: AuditWriter | None = None) -> None:
         self.runtime = runtime
         self.settings = settings
+        self.caches = caches
         self.audit = audit
+        self._explain_pool = ThreadPoolExecutor(settings.model.explain_threads, thread_name_prefix="explain")
+
+    async def _compute_explanations(self, scorer: Scorer, matrix: np.ndarray) -> list[Explanation]:
+        """SHAP explanations computed in the explain thread pool, so the event loop keeps serving."""
+        call = contextvars.copy_context().run
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._explain_pool, call, scorer.explain, matrix)
+        except ExplainError as exc:
+            raise FailedPrecondition(f"model {scorer.version} cannot be explained: {exc}") from exc
+
+    async def _explain(self, scorer: Scorer, matrix: np.ndarray) -> list[Explanation]:
+        """Explanations through the explanation cache (computed for the misses only)."""
+        return await explain_rows(scorer, matrix, self.caches, self._compute_explanations)
 
     async def Score(self, request: scoring_pb2.ScoreRequest, context: grpc.aio.ServicerContext
                     ) -> scoring_pb2.ScoreResponse:
@@ -55,12 +84,18 @@ class ScoringService(scoring_pb2_grpc.ScoringServiceServicer):
         if violations:
             raise InvalidArgument(f"applicant has {len(violations)} invalid field(s)", violations)
         scorer = self.runtime.scorer
-        result = scorer.score(rows_to_matrix([row]))[0]
+        top_k = explain_top_k(request.explain, len(scorer.model.features))
+        matrix = rows_to_matrix([row])
+        [(result, from_cache)] = await score_rows(scorer, matrix, self.caches)
         response = scoring_pb2.ScoreResponse()
-        fill_prediction(response, result, request_id, from_cache=False)
+        fill_prediction(response, result, request_id, from_cache=from_cache)
+        if top_k is not None:
+            explanation = (await self._explain(scorer, matrix))[0].top(top_k)
+            fill_explanation(response.explanation, explanation)
         response.timestamp.CopyFrom(timestamp(time.time()))
         response.processing_time_ms = (time.perf_counter() - started) * 1000.0
-        audit_prediction(request_id, row, result, response.processing_time_ms, from_cache=response.from_cache)
+        audit_prediction(request_id, row, result, response.processing_time_ms, from_cache=response.from_cache,
+                         explanation=explanation_of(response))
         return response
 
     async def BatchScore(self, request: scoring_pb2.BatchScoreRequest, context: grpc.aio.ServicerContext
@@ -78,6 +113,7 @@ class ScoringService(scoring_pb2_grpc.ScoringServiceServicer):
             request.loan_parameters, default_loan_parameters(self.settings.portfolio))
         if loan_violations:
             raise InvalidArgument(f"loan_parameters has {len(loan_violations)} invalid field(s)", loan_violations)
+        top_k = explain_top_k(request.explain, len(self.runtime.scorer.model.features))
         response = scoring_pb2.BatchScoreResponse(request_id=request_id)
         rows, positions = [], []
         for i, applicant in enumerate(request.applicants):
@@ -94,15 +130,21 @@ class ScoringService(scoring_pb2_grpc.ScoringServiceServicer):
                 positions.append(i)
         scorer = self.runtime.scorer
         response.model_version = scorer.version
-        scored = scorer.score(rows_to_matrix(rows)) if rows else []
-        for i, res in zip(positions, scored, strict=True):
-            fill_prediction(response.results[i].prediction, res, f"{request_id}/{i}", from_cache=False)
+        matrix = rows_to_matrix(rows)
+        pairs = await score_rows(scorer, matrix, self.caches) if rows else []
+        scored = [res for res, _ in pairs]
+        for i, (res, from_cache) in zip(positions, pairs, strict=True):
+            fill_prediction(response.results[i].prediction, res, f"{request_id}/{i}", from_cache=from_cache)
+        if top_k is not None and rows:
+            for i, explanation in zip(positions, await self._explain(scorer, matrix), strict=True):
+                fill_explanation(response.results[i].prediction.explanation, explanation.top(top_k))
         fill_portfolio(response.portfolio, portfolio_of(scored, loan))
         response.timestamp.CopyFrom(timestamp(time.time()))
         response.processing_time_ms = (time.perf_counter() - started) * 1000.0
         for i, row in zip(positions, rows, strict=True):
             p = response.results[i].prediction
-            audit_prediction(p.request_id, row, result_of(p), response.processing_time_ms, from_cache=p.from_cache)
+            audit_prediction(p.request_id, row, result_of(p), response.processing_time_ms, from_cache=p.from_cache,
+                             explanation=explanation_of(p))
         return response
 
     async def GetModelInfo(self, request: scoring_pb2.GetModelInfoRequest, context: grpc.aio.ServicerContext
