@@ -10,7 +10,10 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from credscope.v1 import admin_pb2, admin_pb2_grpc, scoring_pb2, scoring_pb2_grpc
+from server import tracing
+from server.interceptors.metrics import MetricsInterceptor
 from server.interceptors.request_id import RequestIdInterceptor
+from server.interceptors.tracing import TracingInterceptor
 from server.runtime import Runtime
 from server.services.admin import AdminService
 from server.services.scoring import ScoringService
@@ -49,7 +52,8 @@ class CredScopeServer:
         self.draining = False
 
     def interceptors(self) -> list[grpc.aio.ServerInterceptor]:
-        return [RequestIdInterceptor(accepting=lambda: not self.draining)]
+        traced: list[grpc.aio.ServerInterceptor] = [TracingInterceptor()] if tracing.enabled() else []
+        return [*traced, MetricsInterceptor(), RequestIdInterceptor(accepting=lambda: not self.draining)]
 
     async def _set_health(self, status: health_pb2.HealthCheckResponse.ServingStatus.ValueType) -> None:
         for name in ("", *SERVED):

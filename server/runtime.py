@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from server import metrics
 from server.errors import Unavailable
 from server.model import load_model
 from server.scoring import Scorer
@@ -32,4 +33,5 @@ class Runtime:
         model = load_model(self.settings.model.model_dir, version or self.settings.model.version,
                            intra_op_threads=self.settings.model.intra_op_threads)
         self._scorer = Scorer(model)
+        metrics.model_loaded(model.version)
         return self._scorer

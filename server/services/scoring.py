@@ -8,6 +8,7 @@ import grpc
 
 from credscope.v1 import scoring_pb2, scoring_pb2_grpc
 from server import context as rc
+from server import metrics, tracing
 from server.convert import applicant_to_row, fill_prediction, rows_to_matrix, timestamp
 from server.errors import InvalidArgument, Unimplemented, Violation
 from server.interceptors.request_id import REQUEST_ID_HELP, valid_request_id
@@ -48,6 +49,7 @@ class ScoringService(scoring_pb2_grpc.ScoringServiceServicer):
         result = scorer.score(rows_to_matrix([row]))[0]
         response = scoring_pb2.ScoreResponse()
         fill_prediction(response, result, request_id, from_cache=False)
+        tracing.set_attributes(model_version=result.model_version, decision=result.decision, from_cache=False)
         response.timestamp.CopyFrom(timestamp(time.time()))
         response.processing_time_ms = (time.perf_counter() - started) * 1000.0
         return response
@@ -79,6 +81,8 @@ class ScoringService(scoring_pb2_grpc.ScoringServiceServicer):
                 positions.append(i)
         scorer = self.runtime.scorer
         response.model_version = scorer.version
+        metrics.prediction_error("invalid_argument", n - len(rows))
+        tracing.set_attributes(model_version=scorer.version, batch_size=n, from_cache=False)
         for i, res in zip(positions, scorer.score(rows_to_matrix(rows)) if rows else [], strict=True):
             fill_prediction(response.results[i].prediction, res, f"{request_id}/{i}", from_cache=False)
         response.timestamp.CopyFrom(timestamp(time.time()))
