@@ -26,7 +26,7 @@ GOOD = {
     "days_birth": -12000, "days_employed": -2000, "ext_source_2": 0.6, "ext_source_3": 0.5, "cnt_fam_members": 2,
 }
 SCORE = 'service="credscope.v1.ScoringService",method="Score"'
-CALLS_PER_WORKER = 40
+MAX_CALLS_PER_WORKER = 3000
 INVALID_PER_WORKER = 3
 
 
@@ -68,21 +68,28 @@ def stack(model, model_dir, tmp_path_factory):  # type: ignore[no-untyped-def]
         w.stop()
 
 
-def traffic(target: str, stop: threading.Event, errors: list[BaseException]) -> None:
-    """CALLS_PER_WORKER good Score calls, INVALID_PER_WORKER invalid ones and one BatchScore of 5 (2 invalid)."""
+def traffic(target: str, stop: threading.Event, done: list[int], errors: list[BaseException]) -> None:
+    """Good Score calls until ``stop`` (at most MAX_CALLS_PER_WORKER; their count goes to ``done``),
+    INVALID_PER_WORKER invalid ones, then one BatchScore of 5 (2 invalid)."""
     try:
         with grpc.insecure_channel(target) as ch:
             stub = scoring_pb2_grpc.ScoringServiceStub(ch)
             good = scoring_pb2.ScoreRequest(applicant=applicant_from_mapping(GOOD))
-            for i in range(CALLS_PER_WORKER):
+            bad = scoring_pb2.ScoreRequest(applicant=applicant_from_mapping(GOOD))
+            bad.applicant.amt_credit = -1
+            calls = 0
+            for i in range(MAX_CALLS_PER_WORKER):
                 stub.Score(good, timeout=10)
+                calls += 1
                 if i < INVALID_PER_WORKER:
-                    bad = scoring_pb2.ScoreRequest(applicant=applicant_from_mapping({**GOOD, "amt_credit": 1}))
-                    bad.applicant.amt_credit = -1
-                    with pytest.raises(grpc.RpcError):
+                    try:
                         stub.Score(bad, timeout=10)
-                if stop.is_set():
-                    return
+                        raise AssertionError("an invalid applicant was scored")
+                    except grpc.RpcError as e:
+                        assert e.code() == grpc.StatusCode.INVALID_ARGUMENT
+                if stop.is_set() and i >= INVALID_PER_WORKER:
+                    break
+            done.append(calls)
             batch = [applicant_from_mapping(GOOD) for _ in range(5)]
             batch[1].amt_credit = -1
             batch[3].amt_annuity = -1
@@ -93,36 +100,42 @@ def traffic(target: str, stop: threading.Event, errors: list[BaseException]) -> 
 
 def test_sidecar_sums_the_workers_while_they_serve(stack, model) -> None:  # type: ignore[no-untyped-def]
     workers, sidecar, _ = stack
-    stop, errors = threading.Event(), []
-    threads = [threading.Thread(target=traffic, args=(w.target, stop, errors)) for w in workers]
+    stop, done, errors = threading.Event(), [], []
+    threads = [threading.Thread(target=traffic, args=(w.target, stop, done, errors)) for w in workers]
     for t in threads:
         t.start()
     scrapes = []
     deadline = time.monotonic() + 60
-    try:
-        while any(t.is_alive() for t in threads) and time.monotonic() < deadline:
+    try:  # scrape while both workers serve: five scrapes, or as many as the bounded traffic allows
+        while len(scrapes) < 5 and any(t.is_alive() for t in threads) and time.monotonic() < deadline:
             status, text = sidecar.get("/metrics")
             assert status == 200
             scrapes.append(samples(text))  # every scrape during traffic parses
-            time.sleep(0.05)
+            time.sleep(0.3)
     finally:
         stop.set()
         for t in threads:
-            t.join(timeout=30)
+            t.join(timeout=60)
     assert not errors, errors
-    assert len(scrapes) >= 2
+    assert len(scrapes) >= 2 and len(done) == 2
     ok_counts = [total(m, "credscope_grpc_requests_total", method="Score", code="OK") for m in scrapes]
-    assert ok_counts == sorted(ok_counts)  # counters only grow while the workers serve
+    assert ok_counts == sorted(ok_counts) and ok_counts[-1] > 0  # counters only grow while the workers serve
 
-    status, text = sidecar.get("/metrics")
-    m = samples(text)
-    n_ok = 2 * CALLS_PER_WORKER
+    n_ok = sum(done)
+    scored = n_ok + 2 * 3
+    # Workers write their buffered metrics every 0.25 s: wait (bounded) for the last ones.
+    deadline = time.monotonic() + 15
+    while True:
+        m = samples(sidecar.get("/metrics")[1])
+        if total(m, "credscope_predictions_total") >= scored and \
+                total(m, "credscope_grpc_requests_total", method="BatchScore") >= 2 or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
     assert total(m, "credscope_grpc_requests_total", method="Score", code="OK") == n_ok
     assert total(m, "credscope_grpc_requests_total", method="Score", code="INVALID_ARGUMENT") == 2 * INVALID_PER_WORKER
     assert total(m, "credscope_grpc_requests_total", method="BatchScore", code="OK") == 2
     assert total(m, "credscope_grpc_request_duration_seconds_count", method="Score") == n_ok + 2 * INVALID_PER_WORKER
     assert total(m, "credscope_grpc_request_duration_seconds_bucket", method="Score", code="OK", le="+Inf") == n_ok
-    scored = n_ok + 2 * 3
     assert total(m, "credscope_predictions_total") == scored
     assert total(m, "credscope_default_probability_count") == scored
     assert total(m, "credscope_inference_rows_total") == scored
