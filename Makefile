@@ -38,6 +38,7 @@ $(MODEL_DIR)/ACTIVE: | $(VENV)/.installed
 model: $(MODEL_DIR)/ACTIVE  ## build the model if it is missing (synthetic Home Credit-shaped data)
 
 run: install model  ## start the server on :$(PORT) and the telemetry sidecar on :$(TELEMETRY_PORT), embedded backends
+	@echo "Calls need an API key. Make a demo key in another shell:  export CREDSCOPE_API_KEY=\$$($(VENV)/bin/credscope-keys create --name demo --tier free)"
 	@rm -rf $(METRICS_DIR) && mkdir -p $(METRICS_DIR)
 	@$(VENV)/bin/credscope-telemetry serve --port $(TELEMETRY_PORT) --metrics-dir $(METRICS_DIR) --model-dir $(MODEL_DIR) & \
 	  tpid=$$!; trap 'kill $$tpid 2>/dev/null; wait $$tpid 2>/dev/null' EXIT INT TERM; \

@@ -137,7 +137,8 @@ def cmd_model_info(args: argparse.Namespace, client: CredScopeClient) -> int:
         return 0
     print(f"model version  {info.model_version}  (trained on {info.training_source or '?'})")
     print(f"policy         APPROVE < {info.policy.approve_below}, REVIEW < {info.policy.review_below}, else REJECT")
-    print("metrics        " + ", ".join(f"{k} {v:.4f}" for k, v in sorted(info.metrics.items())))
+    print("metrics        " + ", ".join(f"{k} {v:.0f}" if float(v).is_integer() else f"{k} {v:.4g}"
+                                         for k, v in sorted(info.metrics.items())))
     print(f"inputs         {len(info.input_features)}: {', '.join(info.input_features)}")
     print(f"features       {len(info.model_features)} (inputs + engineered)")
     for v in info.versions:
@@ -194,6 +195,9 @@ def main(argv: list[str] | None = None) -> int:
         except CredScopeRpcError as e:
             print(f"credscope: {e}", file=sys.stderr)
             return 2
+        except BrokenPipeError:  # output piped into head & co.
+            sys.stderr.close()
+            return 0
 
 
 if __name__ == "__main__":

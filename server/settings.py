@@ -35,6 +35,8 @@ class ModelSettings(BaseModel):
     model_dir: Path = Field(Path("models"), description="Model store: <dir>/<version>/model.onnx + ACTIVE file.")
     version: str | None = Field(None, description="Version to serve; the store's ACTIVE one when unset.")
     intra_op_threads: int = Field(1, ge=0, description="onnxruntime intra-op threads (0 = onnxruntime's choice).")
+    watch_seconds: float = Field(2.0, ge=0, description="How often workers check the store's ACTIVE file and "
+                                 "switch to the version it names (0 = never).")
 
 
 class AuthSettings(BaseModel):
@@ -44,6 +46,10 @@ class AuthSettings(BaseModel):
     key_store_url: str = Field("sqlite:///credscope.db",
                                description="Key store: sqlite:///path or postgresql://user@host/db.")
     key_cache_seconds: float = Field(5.0, ge=0, description="How long a worker trusts a looked-up key.")
+    key_stale_seconds: float = Field(60.0, ge=0, description="While the key store is down, how long a worker "
+                                     "keeps accepting keys it looked up before; past it, UNAVAILABLE.")
+    usage_flush_seconds: float = Field(10.0, gt=0, description="How often a worker adds its per-key call counts "
+                                       "to the key store (for AdminService.GetApiKeyStats).")
 
 
 class RateLimitSettings(BaseModel):
@@ -53,7 +59,16 @@ class RateLimitSettings(BaseModel):
     free_per_hour: int = Field(100, ge=1, description="Calls an hour for the free tier.")
     pro_per_hour: int = Field(1000, ge=1, description="Calls an hour for the pro tier.")
     enterprise_per_hour: int = Field(10000, ge=1, description="Calls an hour for the enterprise tier.")
-    redis_url: str | None = Field(None, description="Redis for shared buckets; in-process when unset.")
+    redis_url: str | None = Field(None, description="Redis for buckets shared by replicas; host-local when unset.")
+    batch_cost_per_applicant: int = Field(1, ge=0, description="Tokens a BatchScore call costs per applicant "
+                                          "(at least 1 a call); every other call costs 1.")
+    key_prefix: str = Field("credscope:ratelimit:", description="Prefix of the Redis bucket keys.")
+    redis_timeout_seconds: float = Field(0.1, gt=0, description="Redis call timeout; past it the call is "
+                                         "limited with the host-local buckets.")
+    redis_retry_seconds: float = Field(1.0, gt=0, description="While Redis is down, how often to try it again.")
+    local_path: Path = Field(Path("credscope-ratelimit.buckets"), description="Host-local bucket table, "
+                             "shared by the worker processes of one host (memory-mapped file).")
+    local_slots: int = Field(65536, ge=64, description="Buckets the host-local table holds (40 bytes each).")
 
 
 class CacheSettings(BaseModel):
@@ -79,6 +94,19 @@ class AuditSettings(BaseModel):
     batch_size: int = Field(500, ge=1, description="Records per write.")
     flush_seconds: float = Field(0.2, gt=0, description="Longest a record waits before it is written.")
     spool_dir: Path = Field(Path("spool"), description="Where batches wait while the database is down.")
+
+
+class PortfolioSettings(BaseModel):
+    """Default loan parameters of BatchScore's portfolio metrics (a request may override each; formulas in
+    ``server/portfolio.py``)."""
+
+    average_loan_amount: float = Field(500_000.0, gt=0, allow_inf_nan=False, description="Average loan amount.")
+    interest_rate: float = Field(0.12, ge=0, le=1, description="Yearly interest rate, 0 to 1 (0.12 = 12%).")
+    term_months: int = Field(60, ge=1, le=600, description="Loan term in months.")
+    loss_given_default: float = Field(0.70, ge=0, le=1, description="Share of the loan lost on a default, 0 to 1.")
+    processing_cost: float = Field(500.0, ge=0, allow_inf_nan=False, description="One-off processing cost per loan.")
+    operating_cost_per_year: float = Field(1_000.0, ge=0, allow_inf_nan=False,
+                                           description="Operating cost per loan per year.")
 
 
 class TelemetrySettings(BaseModel):
@@ -118,6 +146,7 @@ class Settings(BaseSettings):
     cache: CacheSettings = CacheSettings()
     audit: AuditSettings = AuditSettings()
     telemetry: TelemetrySettings = TelemetrySettings()
+    portfolio: PortfolioSettings = PortfolioSettings()
     log_level: str = Field("INFO", description="Logging level.")
     otel_exporter_otlp_endpoint: str | None = Field(
         None, validation_alias=AliasChoices("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_EXPORTER_OTLP_ENDPOINT"),

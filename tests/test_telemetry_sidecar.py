@@ -17,7 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from client.applicants import applicant_from_mapping
 from credscope.v1 import scoring_pb2, scoring_pb2_grpc
-from tests.helpers import start_server
+from tests.helpers import make_api_key, start_server
 from tests.telemetry_data import SHIFTED, audited, population, promtool, sqlite_audit, start_sidecar
 
 GOOD = {
@@ -57,7 +57,8 @@ def stack(model, model_dir, tmp_path_factory):  # type: ignore[no-untyped-def]
     x, y = population(800, seed=301, shift=True)
     audit_url = sqlite_audit(work / "audit.db", audited(model, x, y, now - timedelta(hours=3), timedelta(seconds=5)))
     env = {"CREDSCOPE_AUTH__ALLOW_ANONYMOUS": "true", "CREDSCOPE_TELEMETRY__METRICS_DIR": str(metrics_dir),
-           "CREDSCOPE_TELEMETRY__PROCESS_SAMPLE_SECONDS": "0.5"}
+           "CREDSCOPE_TELEMETRY__PROCESS_SAMPLE_SECONDS": "0.5", "CREDSCOPE_RATE_LIMIT__FREE_PER_HOUR": "10000000",
+           "CREDSCOPE_RATE_LIMIT__PRO_PER_HOUR": "2"}
     workers = [start_server(model_dir, cwd=work, env=env) for _ in range(2)]
     sidecar = start_sidecar(["--metrics-dir", str(metrics_dir), "--audit-url", audit_url, "--model-dir",
                              str(model_dir), "--out", str(work / "reports")],
@@ -182,6 +183,32 @@ def test_drift_and_performance_gauges_and_reports(stack, model) -> None:  # type
     assert f"credscope_model_auc_degradation_ratio{label}" in m
     for f in ("drift.json", "drift.png", "performance.json", "performance.png"):
         assert (work / "reports" / f).stat().st_size > 0
+
+
+def test_rate_limit_rejections_and_key_usage_by_tier(stack) -> None:  # type: ignore[no-untyped-def]
+    workers, sidecar, work = stack
+    key = make_api_key(work, tier="pro", admin=False, name="metrics-test")  # pro: 2 calls an hour here
+    refused = 0
+    with grpc.insecure_channel(workers[0].target) as ch:
+        stub = scoring_pb2_grpc.ScoringServiceStub(ch)
+        for _ in range(4):
+            try:
+                stub.Score(scoring_pb2.ScoreRequest(applicant=applicant_from_mapping(GOOD)), timeout=10,
+                           metadata=[("x-api-key", key)])
+            except grpc.RpcError as e:
+                assert e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+                refused += 1
+    assert refused == 2
+    deadline = time.monotonic() + 15
+    while True:
+        m = samples(sidecar.get("/metrics")[1])
+        if total(m, "credscope_ratelimit_rejections_total") >= refused or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    assert total(m, "credscope_ratelimit_rejections_total", tier="pro") == refused
+    assert total(m, "credscope_api_key_requests_total", tier="pro") == 4
+    assert total(m, "credscope_grpc_requests_total", code="RESOURCE_EXHAUSTED") == refused
+    assert total(m, "credscope_prediction_errors_total", type="resource_exhausted") == 0  # not a prediction error
 
 
 def test_healthz_and_dead_workers(stack) -> None:  # type: ignore[no-untyped-def]

@@ -16,7 +16,7 @@ from opentelemetry.proto.trace.v1 import trace_pb2
 
 from client.applicants import applicant_from_mapping
 from credscope.v1 import scoring_pb2, scoring_pb2_grpc
-from tests.helpers import ServerProcess, start_server
+from tests.helpers import ServerProcess, make_api_key, start_server
 
 #: Distinctive applicant values: no span attribute may contain them.
 APPLICANT = {
@@ -26,7 +26,6 @@ APPLICANT = {
     "ext_source_2": 0.613579, "ext_source_3": 0.524681, "cnt_fam_members": 2,
 }
 SECRET_FRAGMENTS = ("173456", "654321", "31987", "600123", "13579", "2468", "0.613579", "0.524681")
-API_KEY = "csk_test_" + secrets.token_hex(16)
 
 
 class Collector(trace_service_pb2_grpc.TraceServiceServicer):
@@ -90,17 +89,23 @@ def traced_server(model_dir, collector, tmp_path_factory) -> ServerProcess:  # t
     sp.stop()
 
 
+@pytest.fixture(scope="module")
+def api_key(traced_server: ServerProcess) -> str:
+    """A pro-tier key in the traced server's key store."""
+    return make_api_key(traced_server.cwd, tier="pro", admin=False, name="tracing-test")
+
+
 def traceparent() -> tuple[str, str, str]:
     trace_id, span_id = secrets.token_hex(16), secrets.token_hex(8)
     return f"00-{trace_id}-{span_id}-01", trace_id, span_id
 
 
-def test_rpc_span_continues_the_callers_trace_with_child_spans(traced_server, collector) -> None:  # type: ignore[no-untyped-def]
+def test_rpc_span_continues_the_callers_trace_with_child_spans(traced_server, collector, api_key) -> None:  # type: ignore[no-untyped-def]
     header, trace_id, parent_id = traceparent()
     with grpc.insecure_channel(traced_server.target) as ch:
         response = scoring_pb2_grpc.ScoringServiceStub(ch).Score(
             scoring_pb2.ScoreRequest(applicant=applicant_from_mapping(APPLICANT)), timeout=10,
-            metadata=[("traceparent", header), ("x-api-key", API_KEY)])
+            metadata=[("traceparent", header), ("x-api-key", api_key)])
 
     def mine(s: trace_pb2.Span) -> bool:
         return s.trace_id.hex() == trace_id
@@ -115,6 +120,7 @@ def test_rpc_span_continues_the_callers_trace_with_child_spans(traced_server, co
     assert a["credscope.decision"] == scoring_pb2.Decision.Name(response.decision).removeprefix("DECISION_")
     assert a["credscope.from_cache"] is False
     assert a["credscope.request_id"] == response.request_id
+    assert a["credscope.tier"] == "pro"
     assert rpc.status.code == trace_pb2.Status.STATUS_CODE_UNSET
 
     inference = collector.wait_for(lambda s: mine(s) and s.name == "credscope.inference")[0]
@@ -129,14 +135,14 @@ def test_rpc_span_continues_the_callers_trace_with_child_spans(traced_server, co
     assert resource["service.name"] == "credscope"
 
 
-def test_error_path_keeps_rich_status_and_records_the_code(traced_server, collector) -> None:  # type: ignore[no-untyped-def]
+def test_error_path_keeps_rich_status_and_records_the_code(traced_server, collector, api_key) -> None:  # type: ignore[no-untyped-def]
     header, trace_id, parent_id = traceparent()
     bad = applicant_from_mapping({**APPLICANT})
     bad.amt_credit = -5
     with grpc.insecure_channel(traced_server.target) as ch:
         with pytest.raises(grpc.RpcError) as info:
             scoring_pb2_grpc.ScoringServiceStub(ch).Score(scoring_pb2.ScoreRequest(applicant=bad), timeout=10,
-                                                          metadata=[("traceparent", header), ("x-api-key", API_KEY)])
+                                                          metadata=[("traceparent", header), ("x-api-key", api_key)])
     err = info.value
     # The tracing interceptor leaves the abort intact: code, rich details and trailing metadata.
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
@@ -157,7 +163,29 @@ def test_error_path_keeps_rich_status_and_records_the_code(traced_server, collec
     assert rpc.status.code == trace_pb2.Status.STATUS_CODE_UNSET  # a client fault is no server error
 
 
-def test_batch_inference_span_and_a_new_trace_without_traceparent(traced_server, collector) -> None:  # type: ignore[no-untyped-def]
+def test_auth_abort_keeps_rich_status_inside_the_span(traced_server, collector, api_key) -> None:  # type: ignore[no-untyped-def]
+    """The auth interceptor aborts (inside the span) with ErrorInfo details and trailing metadata."""
+    header, trace_id, parent_id = traceparent()
+    unknown = "csk_unknown_" + secrets.token_hex(16)
+    with grpc.insecure_channel(traced_server.target) as ch:
+        with pytest.raises(grpc.RpcError) as info:
+            scoring_pb2_grpc.ScoringServiceStub(ch).Score(
+                scoring_pb2.ScoreRequest(applicant=applicant_from_mapping(APPLICANT)), timeout=10,
+                metadata=[("traceparent", header), ("x-api-key", unknown)])
+    err = info.value
+    assert err.code() == grpc.StatusCode.UNAUTHENTICATED
+    status = rpc_status.from_call(err)
+    assert status is not None and any(d.Is(error_details_pb2.ErrorInfo.DESCRIPTOR) for d in status.details)
+    assert dict(err.trailing_metadata()).get("x-request-id")
+    rpc = collector.wait_for(lambda s: s.trace_id.hex() == trace_id and s.kind == trace_pb2.Span.SPAN_KIND_SERVER)[0]
+    assert rpc.parent_span_id.hex() == parent_id
+    assert attrs(rpc)["rpc.grpc.status_code"] == grpc.StatusCode.UNAUTHENTICATED.value[0]
+    assert rpc.status.code == trace_pb2.Status.STATUS_CODE_UNSET
+    for v in attrs(rpc).values():
+        assert unknown not in str(v)
+
+
+def test_batch_inference_span_and_a_new_trace_without_traceparent(traced_server, collector, api_key) -> None:  # type: ignore[no-untyped-def]
     applicants = [applicant_from_mapping(APPLICANT) for _ in range(3)]
     request_id = "trace-batch-" + secrets.token_hex(4)
     with grpc.insecure_channel(traced_server.target) as ch:
@@ -170,14 +198,14 @@ def test_batch_inference_span_and_a_new_trace_without_traceparent(traced_server,
     assert child.name == "credscope.inference" and attrs(child)["credscope.batch_size"] == 3
 
 
-def test_no_applicant_data_or_key_in_any_span(traced_server, collector) -> None:  # type: ignore[no-untyped-def]
+def test_no_applicant_data_or_key_in_any_span(traced_server, collector, api_key) -> None:  # type: ignore[no-untyped-def]
     header, trace_id, _ = traceparent()
     with grpc.insecure_channel(traced_server.target) as ch:
         stub = scoring_pb2_grpc.ScoringServiceStub(ch)
         stub.Score(scoring_pb2.ScoreRequest(applicant=applicant_from_mapping(APPLICANT)), timeout=10,
-                   metadata=[("traceparent", header), ("x-api-key", API_KEY)])
+                   metadata=[("traceparent", header), ("x-api-key", api_key)])
         stub.BatchScore(scoring_pb2.BatchScoreRequest(applicants=[applicant_from_mapping(APPLICANT)]), timeout=10,
-                        metadata=[("x-api-key", API_KEY)])
+                        metadata=[("x-api-key", api_key)])
     collector.wait_for(lambda s: s.trace_id.hex() == trace_id and s.name == "credscope.inference")
     with collector.lock:
         spans = list(collector.spans)
@@ -186,7 +214,7 @@ def test_no_applicant_data_or_key_in_any_span(traced_server, collector) -> None:
         values = [str(v) for v in (*attrs(span).values(), *resource.values(), span.name)]
         values += [str(_value(a.value)) for e in span.events for a in e.attributes]
         for v in values:
-            assert API_KEY not in v and "csk_test_" not in v
+            assert api_key not in v and api_key.split("_", 2)[2] not in v
             for fragment in SECRET_FRAGMENTS:
                 assert fragment not in v, f"span {span.name} carries applicant data: {v!r}"
         keys = " ".join(attrs(span))

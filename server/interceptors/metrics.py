@@ -37,5 +37,7 @@ class MetricsInterceptor(AroundInterceptor):
             raise
         finally:
             ctx = rc.current()
-            tier = ctx.principal.tier if ctx is not None and ctx.principal is not None else None
+            principal = ctx.principal if ctx is not None else None
+            # Key usage by tier: calls with a key (dev mode's anonymous callers are not counted).
+            tier = principal.tier if principal is not None and not principal.key_id.startswith("anonymous:") else None
             metrics.rpc_done(method, code, time.perf_counter() - started, tier)

@@ -2,31 +2,47 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 
-from credscope.v1 import admin_pb2_grpc
-from server.errors import Unimplemented
+from credscope.v1 import admin_pb2, admin_pb2_grpc
+from server.errors import InvalidArgument, Unimplemented, Violation
+from server.runtime import Runtime
+
+if TYPE_CHECKING:
+    from server.services.api_keys import ApiKeyAdmin
 
 
 class AdminService(admin_pb2_grpc.AdminServiceServicer):
     """Each RPC is implemented by the concern that owns it; until then it answers UNIMPLEMENTED."""
 
+    def __init__(self, runtime: Runtime, *, api_keys: ApiKeyAdmin | None = None) -> None:
+        self.runtime = runtime
+        self.api_keys = api_keys
+
     async def _unimplemented(self, name: str) -> Any:
         raise Unimplemented(f"AdminService.{name} is not available on this server")
 
     async def CreateApiKey(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        return await self._unimplemented("CreateApiKey")
+        if self.api_keys is None:
+            return await self._unimplemented("CreateApiKey")
+        return await self.api_keys.create(request)
 
     async def RevokeApiKey(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        return await self._unimplemented("RevokeApiKey")
+        if self.api_keys is None:
+            return await self._unimplemented("RevokeApiKey")
+        return await self.api_keys.revoke(request)
 
     async def ListApiKeys(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        return await self._unimplemented("ListApiKeys")
+        if self.api_keys is None:
+            return await self._unimplemented("ListApiKeys")
+        return await self.api_keys.list(request)
 
     async def GetApiKeyStats(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        return await self._unimplemented("GetApiKeyStats")
+        if self.api_keys is None:
+            return await self._unimplemented("GetApiKeyStats")
+        return await self.api_keys.stats(request)
 
     async def ClearCache(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         return await self._unimplemented("ClearCache")
@@ -40,5 +56,10 @@ class AdminService(admin_pb2_grpc.AdminServiceServicer):
     async def ReplayDecision(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         return await self._unimplemented("ReplayDecision")
 
-    async def ActivateModel(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        return await self._unimplemented("ActivateModel")
+    async def ActivateModel(self, request: admin_pb2.ActivateModelRequest, context: grpc.aio.ServicerContext
+                            ) -> admin_pb2.ActivateModelResponse:
+        if not request.version:
+            raise InvalidArgument("version is required", [Violation("version", "name a version of the model store "
+                                                                    "(GetModelInfo lists them)")])
+        previous, active = await self.runtime.activate(request.version)
+        return admin_pb2.ActivateModelResponse(previous_version=previous, active_version=active)
