@@ -10,13 +10,15 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from credscope.v1 import admin_pb2, admin_pb2_grpc, scoring_pb2, scoring_pb2_grpc
-from server import db
+from server import db, tracing
 from server.audit.writer import AuditWriter
 from server.cached_scoring import open_caches
 from server.interceptors.audit import AuditInterceptor
 from server.interceptors.auth import AuthInterceptor
+from server.interceptors.metrics import MetricsInterceptor
 from server.interceptors.ratelimit import RateLimitInterceptor
 from server.interceptors.request_id import RequestIdInterceptor
+from server.interceptors.tracing import TracingInterceptor
 from server.runtime import Runtime
 from server.security import Security
 from server.services.admin import AdminService
@@ -64,11 +66,12 @@ class CredScopeServer:
         self._watch: asyncio.Task[None] | None = None
 
     def interceptors(self) -> list[grpc.aio.ServerInterceptor]:
-        # request id → audit → auth → rate limit (the audit sees every call, including rejected ones)
-        chain: list[grpc.aio.ServerInterceptor] = [RequestIdInterceptor(accepting=lambda: not self.draining)]
-        if self.audit is not None:
-            chain.append(AuditInterceptor(self.audit))
-        return [*chain,
+        # tracing → metrics → request id → audit → auth → rate limit (the audit sees every call the chain
+        # handles, including those auth and rate limiting refuse)
+        traced: list[grpc.aio.ServerInterceptor] = [TracingInterceptor()] if tracing.enabled() else []
+        audit: list[grpc.aio.ServerInterceptor] = [AuditInterceptor(self.audit)] if self.audit is not None else []
+        return [*traced, MetricsInterceptor(),
+                RequestIdInterceptor(accepting=lambda: not self.draining), *audit,
                 AuthInterceptor(self.security.verifier, allow_anonymous=self.settings.auth.allow_anonymous),
                 RateLimitInterceptor(self.security.limiter, self.security.usage,
                                      max_batch=self.settings.server.max_batch_size)]

@@ -30,6 +30,7 @@ from typing import Any, Generic, TypeVar
 
 import numpy as np
 
+from server import metrics, tracing
 from server.backends.cache import CacheBackend, CacheSpec, backend_kind, open_backends
 from server.policy import DECISIONS, RISK_LEVELS
 from server.schema import COLUMNS
@@ -123,8 +124,9 @@ class ValueCache(Generic[V]):
     """
 
     def __init__(self, backend: CacheBackend, encode: Callable[[V], bytes],
-                 decode: Callable[[bytes, str], V | None]) -> None:
+                 decode: Callable[[bytes, str], V | None], name: str = "prediction") -> None:
         self.backend = backend
+        self.name = name
         self._encode = encode
         self._decode = decode
         self.writer = WriteBehind(backend)
@@ -146,11 +148,19 @@ class ValueCache(Generic[V]):
         return self._decoded(await self.backend.get(cache_key(version, digest)), version)
 
     async def get_many(self, version: str, digests: Sequence[str]) -> list[V | None]:
-        """One round trip for all ``digests`` (a single GET when there is one)."""
-        if len(digests) == 1:
-            return [await self.get(version, digests[0])]
-        found = await self.backend.mget([cache_key(version, d) for d in digests])
-        return [self._decoded(data, version) for data in found]
+        """One round trip for all ``digests`` (a single GET when there is one); counted in the metrics and
+        traced as a ``credscope.cache.get`` span."""
+        errors_before = self.backend.stats.errors
+        with tracing.span("credscope.cache.get", cache=self.name, keys=len(digests)) as sp:
+            if len(digests) == 1:
+                values = [await self.get(version, digests[0])]
+            else:
+                found = await self.backend.mget([cache_key(version, d) for d in digests])
+                values = [self._decoded(data, version) for data in found]
+            hits = sum(v is not None for v in values)
+            tracing.set_attributes(sp, hits=hits)
+        metrics.cache_lookups(self.name, hits, len(values) - hits, self.backend.stats.errors - errors_before)
+        return values
 
     async def put(self, version: str, digest: str, value: V) -> None:
         await self.backend.set(cache_key(version, digest), self._encode(value))
@@ -239,8 +249,8 @@ class Caches:
     @classmethod
     def from_backends(cls, predictions: CacheBackend, explanations: CacheBackend, *, enabled: bool = True,
                       where: str = "in-process") -> Caches:
-        return cls(ValueCache(predictions, encode_result, decode_result),
-                   ValueCache(explanations, encode_json, decode_json),
+        return cls(ValueCache(predictions, encode_result, decode_result, "prediction"),
+                   ValueCache(explanations, encode_json, decode_json, "explanation"),
                    enabled=enabled, kind=predictions.kind, where=where)
 
     def stats(self) -> dict[str, dict[str, float]]:
@@ -302,6 +312,9 @@ async def score_rows(scorer: Scorer, matrix: np.ndarray, caches: Caches | None
     cache = caches.predictions
     found = await cache.get_many(version, digests)
     missing = [i for i, r in enumerate(found) if r is None]
+    hits = [r for r in found if r is not None]
+    if hits:
+        metrics.predictions(hits)  # served decisions count as predictions, cached or not
     if not missing:
         return [(r, True) for r in found]  # type: ignore[misc]
     scored = scorer.score(matrix if len(missing) == n else matrix[missing])

@@ -3,10 +3,12 @@ CLI and batch jobs share it."""
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import numpy as np
 
+from server import metrics, tracing
 from server.explain import Explainer, ExplainError, Explanation, explainer_for
 from server.model import ModelArtifact
 from server.policy import Policy
@@ -41,13 +43,19 @@ class Scorer:
         """Score a float32 matrix [N, len(COLUMNS)] (NaN = missing)."""
         if len(rows) == 0:
             return []
-        probs = self.model.predict_proba(rows)
         version = self.version
-        out = []
-        for p in probs:
-            p = float(p)
-            decision, risk, conf = self.policy.decide(p)
-            out.append(ScoreResult(p, decision, risk, conf, version))
+        with tracing.span("credscope.inference", model_version=version, batch_size=len(rows)) as span:
+            started = time.perf_counter()
+            probs = self.model.predict_proba(rows)
+            metrics.inference(time.perf_counter() - started, len(rows))
+            out = []
+            for p in probs:
+                p = float(p)
+                decision, risk, conf = self.policy.decide(p)
+                out.append(ScoreResult(p, decision, risk, conf, version))
+            if span is not None and len(out) == 1:
+                tracing.set_attributes(span, decision=out[0].decision, risk_level=out[0].risk_level)
+        metrics.predictions(out)
         return out
 
     def explain(self, rows: np.ndarray) -> list[Explanation]:

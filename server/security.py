@@ -7,9 +7,11 @@ usage counts and closes everything.
 
 from __future__ import annotations
 
+import asyncio
 import logging
+from collections import Counter
 
-from server import db
+from server import db, metrics
 from server.auth.store import KeyStore, key_store
 from server.auth.usage import UsageRecorder
 from server.auth.verifier import KeyVerifier
@@ -28,12 +30,31 @@ class Security:
         self.usage = UsageRecorder(self.store, flush_seconds=a.usage_flush_seconds)
         self.limiter: RateLimiter | None = (RateLimiter.from_settings(settings.rate_limit)
                                             if settings.rate_limit.enabled else None)
+        self._gauge_task: asyncio.Task[None] | None = None
+
+    async def count_active_keys(self) -> dict[str, int]:
+        """Active keys by tier, from the key store; exported as ``credscope_api_keys_active``."""
+        counts = Counter(k.tier for k in await self.store.list_keys(include_revoked=False))
+        found = {tier: counts.get(tier, 0) for tier in ("free", "pro", "enterprise")}
+        metrics.active_keys(found)
+        return found
+
+    async def _keep_key_gauge(self) -> None:
+        while True:
+            try:
+                await self.count_active_keys()
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # noqa: BLE001 - a store outage is handled by the verifier; just retry
+                log.debug("active-key count failed: %s", type(e).__name__)
+            await asyncio.sleep(max(self.settings.auth.usage_flush_seconds, 1.0))
 
     async def start(self) -> None:
         await self.store.open()
         if self.limiter is not None:
             self.limiter.open()
         self.usage.start()
+        self._gauge_task = asyncio.create_task(self._keep_key_gauge())
         rl = self.settings.rate_limit
         log.info("auth: key store %s, anonymous calls %s; rate limits %s (%s)",
                  db.redact(self.settings.auth.key_store_url),
@@ -42,6 +63,8 @@ class Security:
                  self.limiter.store.name if self.limiter else "-")
 
     async def close(self) -> None:
+        if self._gauge_task is not None:
+            self._gauge_task.cancel()
         try:
             await self.usage.close()
         finally:

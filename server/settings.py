@@ -127,8 +127,25 @@ class TelemetrySettings(BaseModel):
     """Metrics and traces."""
 
     metrics_dir: Path | None = Field(None, description="prometheus-client multiprocess directory; off when unset.")
-    otlp_endpoint: str | None = Field(None, description="OTLP/gRPC endpoint for traces; off when unset.")
+    otlp_endpoint: str | None = Field(None, description="OTLP/gRPC endpoint for traces (e.g. http://127.0.0.1:4317); "
+                                      "when unset, the standard OTEL_EXPORTER_OTLP_ENDPOINT; off when neither is set.")
     service_name: str = Field("credscope", description="OpenTelemetry service.name.")
+    process_sample_seconds: float = Field(5.0, gt=0, description="How often a worker records its memory and CPU.")
+    http_host: str = Field("127.0.0.1", description="Sidecar (credscope-telemetry): address of /metrics and /healthz.")
+    http_port: int = Field(9464, ge=0, le=65535, description="Sidecar: HTTP port; 0 picks a free one.")
+    drift_interval_seconds: float = Field(300.0, gt=0, description="Sidecar: how often drift is computed.")
+    drift_window_rows: int = Field(5000, ge=1, description="Sidecar: drift compares at most this many of the most "
+                                   "recent audited inputs with the model's reference profile.")
+    drift_window_hours: float = Field(24.0, gt=0, description="Sidecar: ... and only inputs from this many hours back.")
+    drift_min_rows: int = Field(200, ge=1, description="Sidecar: fewer recent inputs than this give no drift figures.")
+    performance_interval_seconds: float = Field(600.0, gt=0,
+                                                description="Sidecar: how often model performance is computed.")
+    performance_bucket_hours: float = Field(24.0, gt=0, description="Sidecar: width of a performance time bucket.")
+    performance_window_days: float = Field(30.0, gt=0, description="Sidecar: how far back performance goes; the "
+                                           "gauges show the whole window, model_performance gets one row per bucket.")
+    performance_min_outcomes: int = Field(50, ge=1, description="Sidecar: fewer outcomes than this in a bucket or "
+                                          "window give no performance figures for it.")
+    report_dir: Path = Field(Path("reports"), description="Sidecar: where drift and performance reports are written.")
 
 
 class Settings(BaseSettings):
@@ -145,6 +162,10 @@ class Settings(BaseSettings):
     telemetry: TelemetrySettings = TelemetrySettings()
     portfolio: PortfolioSettings = PortfolioSettings()
     log_level: str = Field("INFO", description="Logging level.")
+    otel_exporter_otlp_endpoint: str | None = Field(
+        None, validation_alias=AliasChoices("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_EXPORTER_OTLP_ENDPOINT"),
+        description="The standard OpenTelemetry variable (no CREDSCOPE_ prefix): traces go over OTLP/gRPC to it "
+                    "when telemetry.otlp_endpoint is unset.")
     redis_url: str | None = Field(None, validation_alias=AliasChoices("CREDSCOPE_REDIS_URL"),
                                   description="CREDSCOPE_REDIS_URL: the cache's Redis when "
                                   "CREDSCOPE_CACHE__REDIS_URL is unset (that one wins).")

@@ -104,3 +104,13 @@ def test_entries_round_trip_through_the_spool_encoding() -> None:
             assert [v for v in p.row if not math.isnan(v)] == [v for v in q.row if not math.isnan(v)]
             assert (p.request_id, p.probability, p.decision, p.explanation) == (
                 q.request_id, q.probability, q.decision, q.explanation)
+
+
+def test_own_size_counts_only_this_writers_files(tmp_path: Path) -> None:
+    a, b = Spool(tmp_path / "spool"), Spool(tmp_path / "spool")
+    a.append(b"12345")
+    b.append(b"1")
+    assert a.own_size_bytes() == HEADER.size + 5 and b.own_size_bytes() == HEADER.size + 1
+    assert a.size_bytes() == 2 * HEADER.size + 6
+    a.close()
+    b.close()

@@ -231,6 +231,16 @@ class Spool:
                 pass
         return total
 
+    def own_size_bytes(self) -> int:
+        """Bytes in the files this writer holds (its own, and those it took over for replay)."""
+        total = 0
+        for f in [*self._sealed, *([self._active] if self._active else [])]:
+            try:
+                total += os.fstat(f.fd).st_size
+            except OSError:
+                pass
+        return total
+
     def close(self) -> None:
         """Release the locks (files stay on disk for the next writer to replay)."""
         self.seal()

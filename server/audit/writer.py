@@ -25,6 +25,7 @@ from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from server import metrics
 from server.audit.records import AuditEntry, entries_from_json, entries_to_json
 from server.audit.spool import Spool
 from server.audit.store import AuditStore, AuditStoreError, open_store
@@ -88,6 +89,7 @@ class AuditWriter:
         self._spooling = False
         """Batches go to the spool (the database failed, or the spool holds batches to replay)."""
         self._next_retry = 0.0
+        self._spool_reported = True  # report the spool size once at start (0 or what a dead worker left)
 
     # -- lifecycle --------------------------------------------------------------------------------
 
@@ -197,7 +199,8 @@ class AuditWriter:
         return self._weight
 
     def spool_bytes(self) -> int:
-        return self.spool.size_bytes()
+        """Bytes this worker holds in the spool."""
+        return self.spool.own_size_bytes()
 
     # -- the flusher ------------------------------------------------------------------------------
 
@@ -243,6 +246,15 @@ class AuditWriter:
             for item in batch:
                 if item.future is not None and not item.future.done():
                     item.future.set_result(None)
+            self._report()
+
+    def _report(self) -> None:
+        """Queue depth and spool size for the worker's metrics (after every batch)."""
+        metrics.audit_queue_depth(self._weight)
+        spooled = self.spool.own_size_bytes() if self._spooling or self._spool_reported else 0
+        if spooled or self._spool_reported:
+            metrics.audit_spool_bytes(spooled)
+        self._spool_reported = spooled > 0
 
     def _take(self) -> list[_Item]:
         batch: list[_Item] = []
@@ -266,6 +278,7 @@ class AuditWriter:
                 await self._write(entries)
                 return
             except AuditStoreError as e:
+                metrics.audit_write_failed()
                 self._outage(e)
         try:
             await asyncio.to_thread(lambda: self.spool.append(entries_to_json(entries)))
@@ -306,6 +319,7 @@ class AuditWriter:
         self._db_ok = True
         self.counters.transactions += transactions
         self.counters.rows_written += rows
+        metrics.audit_written(rows)
 
     def _outage(self, error: AuditStoreError) -> None:
         if not self._spooling:
@@ -349,6 +363,7 @@ class AuditWriter:
                 log.warning("audit spool replay interrupted after %d batch(es): %s", replayed, e)
             return
         self.counters.batches_replayed += replayed
+        self._report()
         self._spooling = False
         self._db_ok = True
         log.info("audit database answers: replayed %d spooled batch(es); writing directly again", replayed)

@@ -18,6 +18,7 @@ import grpc
 from google.protobuf import any_pb2
 
 from server import context as rc
+from server import metrics
 from server.auth.usage import UsageRecorder
 from server.errors import RateLimited
 from server.interceptors.auth import ANONYMOUS
@@ -70,6 +71,7 @@ class RateLimitInterceptor(AroundInterceptor):
             self.usage.record(usage_id, principal.tier, rate_limited=not d.allowed)
         if d.allowed:
             return await behavior(request, context)
+        metrics.ratelimit_rejected(principal.tier)
         quota = f"{d.limit} tokens an hour for the {principal.tier} tier"
         subject = f"api_key:{principal.key_id}" if usage_id != ANONYMOUS else principal.key_id
         if math.isinf(d.retry_after_seconds):

@@ -13,6 +13,7 @@ import logging
 import time
 from collections.abc import Callable
 
+from server import metrics
 from server.ratelimit.buckets import BucketStore, BucketStoreError, Decision
 
 log = logging.getLogger("credscope.ratelimit")
@@ -49,6 +50,7 @@ class FailoverBucketStore:
                     self._down_since = None
                 return decision
         self.fallbacks += 1
+        metrics.ratelimit_fallback()
         return await self.fallback.take(subject, capacity, period_seconds, cost)
 
     def _failed(self, error: BucketStoreError) -> None:

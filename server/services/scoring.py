@@ -12,6 +12,7 @@ import numpy as np
 
 from credscope.v1 import scoring_pb2, scoring_pb2_grpc
 from server import context as rc
+from server import metrics, tracing
 from server.audit.records import audit_prediction
 from server.audit.writer import AuditWriter
 from server.cached_scoring import Caches, explain_rows, score_rows
@@ -66,7 +67,9 @@ class ScoringService(scoring_pb2_grpc.ScoringServiceServicer):
         """SHAP explanations computed in the explain thread pool, so the event loop keeps serving."""
         call = contextvars.copy_context().run
         try:
-            return await asyncio.get_running_loop().run_in_executor(self._explain_pool, call, scorer.explain, matrix)
+            with tracing.span("credscope.explain", model_version=scorer.version, batch_size=len(matrix)):
+                return await asyncio.get_running_loop().run_in_executor(self._explain_pool, call, scorer.explain,
+                                                                        matrix)
         except ExplainError as exc:
             raise FailedPrecondition(f"model {scorer.version} cannot be explained: {exc}") from exc
 
@@ -89,6 +92,7 @@ class ScoringService(scoring_pb2_grpc.ScoringServiceServicer):
         [(result, from_cache)] = await score_rows(scorer, matrix, self.caches)
         response = scoring_pb2.ScoreResponse()
         fill_prediction(response, result, request_id, from_cache=from_cache)
+        tracing.set_attributes(model_version=result.model_version, decision=result.decision, from_cache=from_cache)
         if top_k is not None:
             explanation = (await self._explain(scorer, matrix))[0].top(top_k)
             fill_explanation(response.explanation, explanation)
@@ -130,9 +134,12 @@ class ScoringService(scoring_pb2_grpc.ScoringServiceServicer):
                 positions.append(i)
         scorer = self.runtime.scorer
         response.model_version = scorer.version
+        metrics.prediction_error("invalid_argument", n - len(rows))
         matrix = rows_to_matrix(rows)
         pairs = await score_rows(scorer, matrix, self.caches) if rows else []
         scored = [res for res, _ in pairs]
+        tracing.set_attributes(model_version=scorer.version, batch_size=n,
+                               from_cache=bool(pairs) and all(hit for _, hit in pairs))
         for i, (res, from_cache) in zip(positions, pairs, strict=True):
             fill_prediction(response.results[i].prediction, res, f"{request_id}/{i}", from_cache=from_cache)
         if top_k is not None and rows:
