@@ -1,6 +1,7 @@
 """``credscope-bench-audit``: what the audit trail costs — Score throughput with audit on vs off.
 
-Starts a server process per configuration (same model, port 0, loopback), drives Score calls over a real
+Starts a server process per configuration (same model, port 0, loopback, the full interceptor chain with
+anonymous dev-mode access), drives Score calls — each a different applicant, so a cache miss — over a real
 channel from a grpc.aio client for a few seconds at a fixed concurrency, alternating off/on for several
 rounds, and prints calls/s and latency percentiles per round and the median cost of audit. With audit on,
 it checks afterwards that every answered call has its row. Besides calls/s it reports the server
@@ -66,6 +67,7 @@ class Server:
     def __init__(self, model_dir: Path, env: dict[str, str], cwd: Path) -> None:
         full = {k: v for k, v in os.environ.items() if not k.startswith("CREDSCOPE_")}
         full.update({"PYTHONUNBUFFERED": "1", "CREDSCOPE_AUTH__ALLOW_ANONYMOUS": "true",
+                     "CREDSCOPE_RATE_LIMIT__FREE_PER_HOUR": "1000000000",
                      "CREDSCOPE_SERVER__DRAIN_SECONDS": "0", "CREDSCOPE_LOG_LEVEL": "WARNING", **env})
         self.proc = subprocess.Popen([sys.executable, "-m", "server.main", "--port", "0", "--model-dir",
                                       str(model_dir)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -112,7 +114,9 @@ async def drive(server: Server, seconds: float, concurrency: int, warmup: float
     """Calls counted in the window, its length, their latencies, every answered request id, and the server's
     CPU seconds in the window."""
     target = f"127.0.0.1:{server.port}"
-    request = scoring_pb2.ScoreRequest(applicant=applicant_from_mapping(APPLICANT))
+    # A different applicant every call (income + 1): every call is a cache miss that runs the model.
+    template = scoring_pb2.ScoreRequest(applicant=applicant_from_mapping(APPLICANT))
+    serial = iter(range(10**9))
     latencies: list[float] = []
     ids: list[str] = []
     async with grpc.aio.insecure_channel(target) as channel:
@@ -125,6 +129,9 @@ async def drive(server: Server, seconds: float, concurrency: int, warmup: float
         async def worker() -> None:
             nonlocal counted
             while (now := loop.time()) < end:
+                request = scoring_pb2.ScoreRequest()
+                request.CopyFrom(template)
+                request.applicant.amt_income_total += next(serial)
                 r = await stub.Score(request, timeout=30)
                 done = loop.time()
                 ids.append(r.request_id)
