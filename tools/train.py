@@ -57,6 +57,7 @@ from server.schema import (
     ENGINEERED,
     MODEL_FEATURES,
 )
+from server.reasons import DEFAULT_CATALOGUE
 from tools.covers import add_tree_covers
 
 __all__ = [
@@ -642,6 +643,7 @@ def train(data: Path | None = None, *, rows: int = 100_000, seed: int = 42, mode
         "engineered": list(ENGINEERED),
         "features": list(MODEL_FEATURES),
         "policy": DECISION_POLICY,
+        "reason_catalogue": DEFAULT_CATALOGUE,
         "metrics": metrics,
         "training": {
             "source": source,

@@ -34,6 +34,7 @@ from server.portfolio_convert import (
     loan_parameters_from_proto,
     portfolio_of,
 )
+from server.reasons import adverse_reasons, needs_explanation
 from server.runtime import Runtime
 from server.scoring import Scorer
 from server.services.audit import explanation_of, report_outcome, result_of
@@ -93,13 +94,16 @@ class ScoringService(scoring_pb2_grpc.ScoringServiceServicer):
         response = scoring_pb2.ScoreResponse()
         fill_prediction(response, result, request_id, from_cache=from_cache)
         tracing.set_attributes(model_version=result.model_version, decision=result.decision, from_cache=from_cache)
+        full = None  # adverse decisions are explained for their reasons even when no explanation was asked
+        if top_k is not None or needs_explanation(scorer, result.decision):
+            full = (await self._explain(scorer, matrix))[0]
         if top_k is not None:
-            explanation = (await self._explain(scorer, matrix))[0].top(top_k)
-            fill_explanation(response.explanation, explanation)
+            fill_explanation(response.explanation, full.top(top_k))
+        codes = adverse_reasons(response.reasons, scorer, result, full)
         response.timestamp.CopyFrom(timestamp(time.time()))
         response.processing_time_ms = (time.perf_counter() - started) * 1000.0
         audit_prediction(request_id, row, result, response.processing_time_ms, from_cache=response.from_cache,
-                         explanation=explanation_of(response))
+                         explanation=explanation_of(response), reason_codes=codes)
         return response
 
     async def BatchScore(self, request: scoring_pb2.BatchScoreRequest, context: grpc.aio.ServicerContext
@@ -142,16 +146,22 @@ class ScoringService(scoring_pb2_grpc.ScoringServiceServicer):
                                from_cache=bool(pairs) and all(hit for _, hit in pairs))
         for i, (res, from_cache) in zip(positions, pairs, strict=True):
             fill_prediction(response.results[i].prediction, res, f"{request_id}/{i}", from_cache=from_cache)
-        if top_k is not None and rows:
-            for i, explanation in zip(positions, await self._explain(scorer, matrix), strict=True):
-                fill_explanation(response.results[i].prediction.explanation, explanation.top(top_k))
+        want = list(range(len(rows))) if top_k is not None else [
+            j for j, (res, _) in enumerate(pairs) if needs_explanation(scorer, res.decision)]
+        explained = dict(zip(want, await self._explain(scorer, matrix if len(want) == len(rows) else matrix[want]),
+                             strict=True)) if want else {}
+        codes = []
+        for j, (i, (res, _)) in enumerate(zip(positions, pairs, strict=True)):
+            if top_k is not None:
+                fill_explanation(response.results[i].prediction.explanation, explained[j].top(top_k))
+            codes.append(adverse_reasons(response.results[i].prediction.reasons, scorer, res, explained.get(j)))
         fill_portfolio(response.portfolio, portfolio_of(scored, loan))
         response.timestamp.CopyFrom(timestamp(time.time()))
         response.processing_time_ms = (time.perf_counter() - started) * 1000.0
-        for i, row in zip(positions, rows, strict=True):
+        for i, row, reason_codes in zip(positions, rows, codes, strict=True):
             p = response.results[i].prediction
             audit_prediction(p.request_id, row, result_of(p), response.processing_time_ms, from_cache=p.from_cache,
-                             explanation=explanation_of(p))
+                             explanation=explanation_of(p), reason_codes=reason_codes)
         return response
 
     async def GetModelInfo(self, request: scoring_pb2.GetModelInfoRequest, context: grpc.aio.ServicerContext
