@@ -49,6 +49,7 @@ from sklearn.model_selection import train_test_split
 from sklearn.pipeline import Pipeline
 from sklearn.utils.validation import check_is_fitted
 
+from server.reasons import DEFAULT_CATALOGUE
 from server.schema import (
     BY_NAME,
     COLUMN_NAMES,
@@ -57,7 +58,6 @@ from server.schema import (
     ENGINEERED,
     MODEL_FEATURES,
 )
-from server.reasons import DEFAULT_CATALOGUE
 from tools.covers import add_tree_covers
 
 __all__ = [
