@@ -21,13 +21,16 @@ from server.audit.store import (
     DECISIONS,
     PERCENTILES,
     PREDICTION_COLUMNS,
+    REPLAY_COLUMNS,
     RISK_LEVELS,
     SHAP_COLUMNS,
     USAGE_COLUMNS,
+    AuditedPrediction,
     AuditStoreError,
     FeatureStat,
     OutcomeResult,
     Stats,
+    audited_prediction,
     to_rows,
 )
 from server.db import migrate_postgres, redact
@@ -165,6 +168,11 @@ class PostgresAuditStore:
     async def has_prediction(self, request_id: str) -> bool:
         return await self._with_conn(lambda conn: conn.fetchval(
             "SELECT 1 FROM predictions WHERE request_id = $1", request_id)) is not None
+
+    async def prediction(self, request_id: str) -> AuditedPrediction | None:
+        row = await self._with_conn(lambda conn: conn.fetchrow(
+            f"SELECT {REPLAY_COLUMNS} FROM predictions WHERE request_id = $1", request_id))  # noqa: S608
+        return None if row is None else audited_prediction(*row)
 
     async def close(self) -> None:
         pool, self._pool = self._pool, None

@@ -23,13 +23,16 @@ from server.audit.store import (
     DECISIONS,
     PERCENTILES,
     PREDICTION_COLUMNS,
+    REPLAY_COLUMNS,
     RISK_LEVELS,
     SHAP_COLUMNS,
     USAGE_COLUMNS,
+    AuditedPrediction,
     AuditStoreError,
     FeatureStat,
     OutcomeResult,
     Stats,
+    audited_prediction,
     interpolate,
     to_rows,
 )
@@ -210,6 +213,11 @@ class SqliteAuditStore:
     async def has_prediction(self, request_id: str) -> bool:
         return await self._run(lambda: self._connection().execute(
             "SELECT 1 FROM predictions WHERE request_id = ?", (request_id,)).fetchone() is not None)
+
+    async def prediction(self, request_id: str) -> AuditedPrediction | None:
+        row = await self._run(lambda: self._connection().execute(
+            f"SELECT {REPLAY_COLUMNS} FROM predictions WHERE request_id = ?", (request_id,)).fetchone())  # noqa: S608
+        return None if row is None else audited_prediction(*row)
 
     async def close(self) -> None:
         def _close() -> None:

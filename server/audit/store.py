@@ -23,6 +23,8 @@ DECISIONS = ("APPROVE", "REVIEW", "REJECT")
 RISK_LEVELS = ("VERY_LOW", "LOW", "MEDIUM", "HIGH", "VERY_HIGH")
 PERCENTILES = (0.5, 0.95, 0.99)
 
+#: What ReplayDecision reads back of a prediction row.
+REPLAY_COLUMNS = "request_id, input, model_version, probability, decision, reason_codes"
 PREDICTION_COLUMNS = ("request_id", "created_at", "key_id", "client_name", "method", "input", "probability",
                       "decision", "risk_level", "confidence", "model_version", "latency_ms", "from_cache",
                       "reason_codes")
@@ -63,6 +65,31 @@ class Stats:
 
 
 @dataclass
+class AuditedPrediction:
+    """A recorded decision, as ``AdminService.ReplayDecision`` reads it back."""
+
+    request_id: str
+    row: list[float]
+    """The encoded model input (``server.schema.COLUMNS`` order; NaN = missing)."""
+    model_version: str
+    probability: float
+    decision: str
+    reason_codes: list[str] | None
+
+
+def audited_prediction(request_id: str, input_doc: Any, model_version: str, probability: float, decision: str,
+                       reason_codes: str | None) -> AuditedPrediction:
+    """An :class:`AuditedPrediction` from the columns of a ``predictions`` row (``input`` as JSON text or a
+    dict)."""
+    from server.schema import COLUMN_NAMES
+
+    doc = json.loads(input_doc) if isinstance(input_doc, str | bytes) else input_doc
+    row = [math.nan if doc.get(name) is None else float(doc[name]) for name in COLUMN_NAMES]
+    return AuditedPrediction(request_id, row, model_version, float(probability), decision,
+                             None if reason_codes is None else list(json.loads(reason_codes)))
+
+
+@dataclass
 class FeatureStat:
     feature: str
     mean_abs_shap: float
@@ -93,6 +120,9 @@ class AuditStore(Protocol):
 
     async def has_prediction(self, request_id: str) -> bool:
         """Whether a prediction row exists for the request id."""
+
+    async def prediction(self, request_id: str) -> AuditedPrediction | None:
+        """The recorded input and decision of a request id (None when there is none)."""
 
     async def close(self) -> None:
         """Release connections."""

@@ -12,6 +12,7 @@ from server.audit.writer import AuditWriter
 from server.backends.cache import CacheUnavailable
 from server.cached_scoring import Caches
 from server.errors import BackendUnavailable, InvalidArgument, Unimplemented, Violation
+from server.replay import Replayer
 from server.runtime import Runtime
 from server.services.audit import get_stats, list_top_features
 
@@ -30,6 +31,7 @@ class AdminService(admin_pb2_grpc.AdminServiceServicer):
         self.api_keys = api_keys
         self.caches = caches
         self.audit = audit
+        self.replayer = Replayer(runtime)
 
     async def _unimplemented(self, name: str) -> Any:
         raise Unimplemented(f"AdminService.{name} is not available on this server")
@@ -74,7 +76,7 @@ class AdminService(admin_pb2_grpc.AdminServiceServicer):
         return await list_top_features(self.audit, request)
 
     async def ReplayDecision(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        return await self._unimplemented("ReplayDecision")
+        return await self.replayer.replay(self.audit, request)
 
     async def ActivateModel(self, request: admin_pb2.ActivateModelRequest, context: grpc.aio.ServicerContext
                             ) -> admin_pb2.ActivateModelResponse:
