@@ -12,7 +12,7 @@ import numpy as np
 
 from credscope.v1 import scoring_pb2, scoring_pb2_grpc
 from server import context as rc
-from server import metrics, tracing
+from server import input_signals, metrics, tracing
 from server.audit.records import audit_prediction
 from server.audit.writer import AuditWriter
 from server.cached_scoring import Caches, explain_rows, score_rows
@@ -86,10 +86,12 @@ class ScoringService(scoring_pb2_grpc.ScoringServiceServicer):
             raise InvalidArgument("applicant is required", [Violation("applicant", "set the applicant to score")])
         row, violations = applicant_to_row(request.applicant)
         if violations:
+            input_signals.refused(violations)
             raise InvalidArgument(f"applicant has {len(violations)} invalid field(s)", violations)
         scorer = self.runtime.scorer
         top_k = explain_top_k(request.explain, len(scorer.model.features))
         matrix = rows_to_matrix([row])
+        input_signals.observe(scorer, matrix)
         [(result, from_cache)] = await score_rows(scorer, matrix, self.caches)
         response = scoring_pb2.ScoreResponse()
         fill_prediction(response, result, request_id, from_cache=from_cache)
@@ -128,6 +130,7 @@ class ScoringService(scoring_pb2_grpc.ScoringServiceServicer):
             row, violations = applicant_to_row(applicant, f"applicants[{i}]")
             result = response.results.add(index=i)
             if violations:
+                input_signals.refused(violations)
                 err = result.error
                 err.code = grpc.StatusCode.INVALID_ARGUMENT.value[0]
                 err.message = f"applicant {i} has {len(violations)} invalid field(s)"
@@ -140,6 +143,7 @@ class ScoringService(scoring_pb2_grpc.ScoringServiceServicer):
         response.model_version = scorer.version
         metrics.prediction_error("invalid_argument", n - len(rows))
         matrix = rows_to_matrix(rows)
+        input_signals.observe(scorer, matrix)
         pairs = await score_rows(scorer, matrix, self.caches) if rows else []
         scored = [res for res, _ in pairs]
         tracing.set_attributes(model_version=scorer.version, batch_size=n,
