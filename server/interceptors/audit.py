@@ -23,6 +23,7 @@ import grpc
 from grpc.aio import AbortError
 
 from server import context as rc
+from server import tracing
 from server.audit.records import AuditEntry, UsageRecord
 from server.audit.writer import AuditUnavailable, AuditWriter
 from server.errors import CredScopeError, Unavailable, internal
@@ -64,7 +65,8 @@ class AuditInterceptor(AroundInterceptor):
                 self.writer.record_nowait(entry)
             else:
                 try:
-                    await self.writer.record(entry)
+                    with tracing.span("credscope.audit.enqueue", predictions=len(entry.predictions)):
+                        await self.writer.record(entry)
                 except AuditUnavailable as e:
                     if status == "OK":
                         raise Unavailable("the audit trail cannot record this call right now; retry") from e
