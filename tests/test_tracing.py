@@ -203,11 +203,12 @@ def test_batch_inference_span_and_a_new_trace_without_traceparent(traced_server,
     rpc = collector.wait_for(lambda s: attrs(s).get("credscope.request_id") == request_id)[0]
     assert rpc.name == "credscope.v1.ScoringService/BatchScore" and rpc.parent_span_id == b""  # a new root
     assert attrs(rpc)["credscope.batch_size"] == 3
-    spans = collector.wait_for(lambda s: s.parent_span_id == rpc.span_id and s.name != "credscope.audit.enqueue",
-                               count=4 if adverse else 2)
+    spans = collector.wait_for(lambda s: s.parent_span_id == rpc.span_id, count=5 if adverse else 3)
     children = {s.name: s for s in spans if attrs(s).get("credscope.cache", "prediction") == "prediction"}
-    assert set(children) == {"credscope.cache.get", "credscope.inference"}  # new applicants: looked up, missed
-    assert {s.name for s in spans} == {"credscope.cache.get", "credscope.inference"} | (
+    # New applicants: looked up (missed), scored, then audited.
+    assert set(children) == {"credscope.cache.get", "credscope.inference", "credscope.audit.enqueue"}
+    assert attrs(children["credscope.audit.enqueue"])["credscope.predictions"] == 3
+    assert {s.name for s in spans} == {"credscope.cache.get", "credscope.inference", "credscope.audit.enqueue"} | (
         {"credscope.explain"} if adverse else set())
     assert attrs(children["credscope.cache.get"])["credscope.keys"] == 3
     assert attrs(children["credscope.cache.get"])["credscope.hits"] == 0
