@@ -13,6 +13,7 @@ from credscope.v1 import admin_pb2, admin_pb2_grpc, scoring_pb2, scoring_pb2_grp
 from server import db, tracing
 from server.audit.writer import AuditWriter
 from server.cached_scoring import open_caches
+from server.challenger import Challenger
 from server.interceptors.audit import AuditInterceptor
 from server.interceptors.auth import AuthInterceptor
 from server.interceptors.metrics import MetricsInterceptor
@@ -54,8 +55,9 @@ class CredScopeServer:
         self.health = health.aio.HealthServicer()
         self.security = Security(settings)
         self.server = grpc.aio.server(interceptors=self.interceptors(), options=server_options(settings))
-        scoring_pb2_grpc.add_ScoringServiceServicer_to_server(ScoringService(self.runtime, settings, self.caches, audit=self.audit),
-                                                              self.server)
+        self.scoring = ScoringService(self.runtime, settings, self.caches, audit=self.audit)
+        scoring_pb2_grpc.add_ScoringServiceServicer_to_server(self.scoring, self.server)
+        self.challenger: Challenger | None = None
         admin_pb2_grpc.add_AdminServiceServicer_to_server(
             AdminService(self.runtime, api_keys=ApiKeyAdmin(self.security), caches=self.caches,
                          audit=self.audit), self.server)
@@ -93,6 +95,7 @@ class CredScopeServer:
             await self.audit.start()  # applies the migrations; spools (and says so) if the database is down
         await self.server.start()
         scorer = await asyncio.to_thread(self.runtime.load)
+        await self._start_challenger()
         await self._log_cache()
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         self._watch = asyncio.create_task(self.runtime.watch())
@@ -110,10 +113,26 @@ class CredScopeServer:
         if drain > 0:
             await asyncio.sleep(drain)
         await self.server.stop(self.settings.server.grace_seconds if grace is None else grace)
+        if self.challenger is not None:
+            await self.challenger.close()  # shadow scores still queued are recorded first
         if self.audit is not None:
             await self.audit.close()  # drain: every queued record is written or spooled before exit
         await self.security.close()
         await self.caches.close()
+
+    async def _start_challenger(self) -> None:
+        """Champion/challenger: load the challenger version and shadow-score a share of applicants."""
+        version = self.settings.model.challenger_version
+        if not version:
+            return
+        if self.audit is None:
+            log.warning("challenger %s not started: the audit trail, where it records, is off", version)
+            return
+        self.challenger = await asyncio.to_thread(Challenger, self.settings, self.audit.store)
+        self.challenger.start()
+        self.scoring.challenger = self.challenger
+        log.info("challenger %s scores %.0f%% of applicants in shadow", version,
+                 100 * self.settings.model.challenger_share)
 
     async def _log_cache(self) -> None:
         """Say which cache serves (a Redis that does not answer yet is not fatal: scoring goes uncached)."""

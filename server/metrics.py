@@ -353,3 +353,10 @@ def mark_dead(metrics_dir: str | os.PathLike[str], pid: int | None = None) -> No
         from prometheus_client import multiprocess
 
         multiprocess.mark_process_dead(pid or os.getpid(), str(metrics_dir))
+
+
+# --- champion/challenger -------------------------------------------------------------------------
+CHALLENGER_SCORED = Counter("credscope_challenger_scored_total", "Applicants the challenger model scored in shadow.")
+CHALLENGER_DROPPED = Counter("credscope_challenger_dropped_total",
+                             "Sampled applicants the challenger did not score or record, by reason "
+                             "(queue_full, error).", ["reason"])

@@ -39,6 +39,12 @@ class ModelSettings(BaseModel):
                                  "off the event loop (the TreeSHAP kernel releases the GIL).")
     watch_seconds: float = Field(2.0, ge=0, description="How often workers check the store's ACTIVE file and "
                                  "switch to the version it names (0 = never).")
+    challenger_version: str | None = Field(None, description="Champion/challenger: a model-store version that "
+                                           "scores a share of traffic in shadow (audited, never returned).")
+    challenger_share: float = Field(0.1, ge=0, le=1, description="Share of applicants (by a hash of the request "
+                                    "id) the challenger scores, 0 to 1.")
+    challenger_queue_size: int = Field(10_000, ge=1, description="Most applicants waiting for the challenger in "
+                                       "a worker; past it they are dropped (and counted).")
 
 
 class AuthSettings(BaseModel):

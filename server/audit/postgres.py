@@ -18,6 +18,8 @@ import asyncpg
 
 from server.audit.records import AuditEntry
 from server.audit.store import (
+    CHALLENGER_COLUMNS,
+    CHALLENGER_PAIRS,
     DECISIONS,
     PERCENTILES,
     PREDICTION_COLUMNS,
@@ -173,6 +175,21 @@ class PostgresAuditStore:
         row = await self._with_conn(lambda conn: conn.fetchrow(
             f"SELECT {REPLAY_COLUMNS} FROM predictions WHERE request_id = $1", request_id))  # noqa: S608
         return None if row is None else audited_prediction(*row)
+
+    async def write_challenger(self, rows: Sequence[tuple[Any, ...]]) -> None:
+        cols = ", ".join(CHALLENGER_COLUMNS)
+        sql = (f"INSERT INTO challenger_predictions ({cols}) VALUES ($1, $2, $3, $4, $5) "  # noqa: S608
+               "ON CONFLICT (request_id) DO NOTHING")
+        if rows:
+            async def write(conn: asyncpg.Connection) -> None:
+                async with conn.transaction():
+                    await conn.executemany(sql, list(rows))
+
+            await self._with_conn(write)
+
+    async def challenger_pairs(self, start: datetime, end: datetime) -> list[tuple[Any, ...]]:
+        rows = await self._with_conn(lambda conn: conn.fetch(CHALLENGER_PAIRS.format("$1", "$2"), start, end))
+        return [tuple(r) for r in rows]
 
     async def close(self) -> None:
         pool, self._pool = self._pool, None

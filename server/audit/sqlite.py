@@ -20,6 +20,8 @@ from typing import Any, TypeVar
 
 from server.audit.records import AuditEntry, iso_utc
 from server.audit.store import (
+    CHALLENGER_COLUMNS,
+    CHALLENGER_PAIRS,
     DECISIONS,
     PERCENTILES,
     PREDICTION_COLUMNS,
@@ -67,6 +69,7 @@ class _Insert:
 INSERT_PREDICTIONS = _Insert("predictions", PREDICTION_COLUMNS, "request_id")
 INSERT_SHAP = _Insert("shap_explanations", SHAP_COLUMNS, "request_id, rank")
 INSERT_USAGE = _Insert("api_usage", USAGE_COLUMNS, "request_id")
+INSERT_CHALLENGER = _Insert("challenger_predictions", CHALLENGER_COLUMNS, "request_id")
 
 
 @contextmanager
@@ -218,6 +221,20 @@ class SqliteAuditStore:
         row = await self._run(lambda: self._connection().execute(
             f"SELECT {REPLAY_COLUMNS} FROM predictions WHERE request_id = ?", (request_id,)).fetchone())  # noqa: S608
         return None if row is None else audited_prediction(*row)
+
+    async def write_challenger(self, rows: Sequence[tuple[Any, ...]]) -> None:
+        def write() -> None:
+            conn = self._connection()
+            with _transaction(conn, "BEGIN IMMEDIATE"):
+                INSERT_CHALLENGER.run(conn, _iso_rows(list(rows), 1))
+
+        if rows:
+            await self._run(write)
+
+    async def challenger_pairs(self, start: datetime, end: datetime) -> list[tuple[Any, ...]]:
+        sql = CHALLENGER_PAIRS.format("?", "?")
+        rows = await self._run(lambda: self._connection().execute(sql, (iso_utc(start), iso_utc(end))).fetchall())
+        return [(*r[:5], None if r[5] is None else bool(r[5])) for r in rows]
 
     async def close(self) -> None:
         def _close() -> None:

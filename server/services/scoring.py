@@ -16,6 +16,7 @@ from server import input_signals, metrics, tracing
 from server.audit.records import audit_prediction
 from server.audit.writer import AuditWriter
 from server.cached_scoring import Caches, explain_rows, score_rows
+from server.challenger import Challenger
 from server.convert import (
     applicant_to_row,
     explain_top_k,
@@ -57,8 +58,9 @@ def _request_id(given: str, field: str = "request_id") -> str:
 
 class ScoringService(scoring_pb2_grpc.ScoringServiceServicer):
     def __init__(self, runtime: Runtime, settings: Settings, caches: Caches | None = None, *,
-                 audit: AuditWriter | None = None) -> None:
+                 audit: AuditWriter | None = None, challenger: Challenger | None = None) -> None:
         self.runtime = runtime
+        self.challenger = challenger
         self.settings = settings
         self.caches = caches
         self.audit = audit
@@ -106,6 +108,8 @@ class ScoringService(scoring_pb2_grpc.ScoringServiceServicer):
         response.processing_time_ms = (time.perf_counter() - started) * 1000.0
         audit_prediction(request_id, row, result, response.processing_time_ms, from_cache=response.from_cache,
                          explanation=explanation_of(response), reason_codes=codes)
+        if self.challenger is not None:  # shadow scoring, queued without waiting
+            self.challenger.offer([request_id], matrix)
         return response
 
     async def BatchScore(self, request: scoring_pb2.BatchScoreRequest, context: grpc.aio.ServicerContext
@@ -166,6 +170,8 @@ class ScoringService(scoring_pb2_grpc.ScoringServiceServicer):
             p = response.results[i].prediction
             audit_prediction(p.request_id, row, result_of(p), response.processing_time_ms, from_cache=p.from_cache,
                              explanation=explanation_of(p), reason_codes=reason_codes)
+        if self.challenger is not None and rows:  # shadow scoring, queued without waiting
+            self.challenger.offer([f"{request_id}/{i}" for i in positions], matrix)
         return response
 
     async def GetModelInfo(self, request: scoring_pb2.GetModelInfoRequest, context: grpc.aio.ServicerContext
