@@ -6,6 +6,7 @@ embedded SQLite audit trail and (when reachable) PostgreSQL."""
 from __future__ import annotations
 
 import asyncio
+import json
 import sqlite3
 import time
 from pathlib import Path
@@ -23,6 +24,7 @@ from server.policy import Policy
 from tests.helpers import make_api_key, start_server
 from tests.test_api import applicant
 from tests.test_model_swap import two_version_store  # noqa: F401 - the fixture
+from tools.roi import main as roi_main
 
 BATCH = 40
 
@@ -100,15 +102,15 @@ def _run(store: Path, first: str, second: str, tmp_path: Path, audit_url: str | 
             for i in range(5):
                 assert rows[f"cc-single-{i}"][1] == pytest.approx(float(expected[i]), abs=1e-9)
 
-            pairs = _fetch(audit_url, tmp_path, "SELECT p.request_id, p.probability, p.decision, c.probability, "
-                                                "c.decision FROM predictions p JOIN challenger_predictions c "
-                                                "ON c.request_id = p.request_id")
-            assert len(pairs) == len(ids)
-            n = len(pairs)
-            agreement = sum(r[2] == r[4] for r in pairs) / n
-            diff = (sum(r[4] == "APPROVE" for r in pairs) - sum(r[2] == "APPROVE" for r in pairs)) / n
             with CredScopeClient(sp.target, api_key=make_api_key(tmp_path), timeout=20) as admin:
                 stats = admin.admin_call("GetStats", admin_pb2.GetStatsRequest())
+                pairs = _fetch(audit_url, tmp_path, "SELECT p.request_id, p.probability, p.decision, c.probability, "
+                                                    "c.decision FROM predictions p JOIN challenger_predictions c "
+                                                    "ON c.request_id = p.request_id")
+                assert len(pairs) == len(ids)
+                n = len(pairs)
+                agreement = sum(r[2] == r[4] for r in pairs) / n
+                diff = (sum(r[4] == "APPROVE" for r in pairs) - sum(r[2] == "APPROVE" for r in pairs)) / n
                 ch = stats.challenger
                 assert (ch.challenger_version, ch.compared) == (second, n)
                 assert ch.agreement_rate == pytest.approx(agreement)
@@ -127,6 +129,16 @@ def _run(store: Path, first: str, second: str, tmp_path: Path, audit_url: str | 
                 assert ch.challenger_auc == pytest.approx(roc_auc_score(y, [r[3] for r in pairs]))
     finally:
         sp.stop()
+    # credscope-roi --audit: champion vs challenger on the same applicants
+    url = audit_url or f"sqlite:///{tmp_path / 'credscope.db'}"
+    out = tmp_path / "roi"
+    assert roi_main(["--audit", "--audit-url", url, "--model-dir", str(store), "--out-dir", str(out),
+                     "--quiet"]) == 0
+    section = json.loads((out / "roi.json").read_text())["challenger"]
+    assert (section["challenger_version"], section["compared"], section["with_outcomes"]) == (second, n, n)
+    assert section["agreement_rate"] == pytest.approx(agreement)
+    assert section["challenger_auc"] == pytest.approx(ch.challenger_auc)
+    assert "champion vs challenger" in (out / "roi.txt").read_text()
 
 
 def test_challenger_shadows_every_applicant_sqlite(two_version_store, tmp_path: Path) -> None:  # noqa: F811

@@ -19,9 +19,9 @@ from typing import Any
 
 from credscope.v1 import admin_pb2, scoring_pb2
 from server.audit.records import Contribution
-from server.audit.store import AuditStoreError
+from server.audit.store import AuditStoreError, OutcomeResult
 from server.audit.writer import AuditUnavailable, AuditWriter
-from server.challenger import OutcomeResult, compare
+from server.challenger import compare
 from server.convert import DECISION_NAME, RISK_LEVEL
 from server.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable, Violation
 from server.scoring import ScoreResult
