@@ -7,11 +7,13 @@ import asyncio
 import logging
 import signal
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from server.app import CredScopeServer
 from server.model import ModelNotFoundError
 from server.settings import Settings
+from server.workers import run_workers
 
 log = logging.getLogger("credscope.server")
 
@@ -26,7 +28,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--model-dir", type=Path, help="model store folder (default ./models)")
     p.add_argument("--model-version", help="model version to serve (default: the store's ACTIVE one)")
     p.add_argument("--log-level", help="DEBUG, INFO, WARNING or ERROR (default INFO)")
-    return p.parse_args(argv)
+    p.add_argument("--workers", type=int, help="worker processes sharing the port (default: the host's cores; "
+                   "1 serves in this process)")
+    args = p.parse_args(argv)
+    if args.workers is not None and not 1 <= args.workers <= 64:
+        p.error("--workers must be between 1 and 64")
+    return args
 
 
 def build_settings(args: argparse.Namespace) -> Settings:
@@ -41,30 +48,33 @@ def build_settings(args: argparse.Namespace) -> Settings:
         settings.model.version = args.model_version
     if args.log_level:
         settings.log_level = args.log_level.upper()
+    if args.workers is not None:
+        settings.server.workers = args.workers
     return settings
 
 
-async def serve(settings: Settings) -> None:
+async def serve(settings: Settings, on_ready: Callable[[int, str], None] | None = None) -> None:
     server = CredScopeServer(settings)
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stopping.set)
     await server.start()
-    print(f"CredScope listening on {settings.server.host}:{server.port} "
-          f"(model {server.runtime.scorer.version}); Ctrl-C or SIGTERM stops it", flush=True)
+    if on_ready is not None:  # a worker process: the parent prints the listening line once
+        on_ready(server.port, server.runtime.scorer.version)
+    else:
+        print(f"CredScope listening on {settings.server.host}:{server.port} "
+              f"(model {server.runtime.scorer.version}); Ctrl-C or SIGTERM stops it", flush=True)
     await stopping.wait()
     log.info("shutting down: finishing calls in flight (grace %.1fs)", settings.server.grace_seconds)
     await server.stop()
     log.info("stopped")
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    settings = build_settings(args)
-    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+def run(settings: Settings, on_ready: Callable[[int, str], None] | None = None) -> int:
+    """Serve in this process until SIGTERM/SIGINT; the exit status."""
     try:
-        asyncio.run(serve(settings))
+        asyncio.run(serve(settings, on_ready))
     except ModelNotFoundError as e:
         print(f"credscope-server: {e}", file=sys.stderr)
         return 2
@@ -72,6 +82,19 @@ def main(argv: list[str] | None = None) -> int:
         print(f"credscope-server: {e}", file=sys.stderr)
         return 1
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    settings = build_settings(args)
+    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    if settings.server.workers > 1:
+        try:
+            return run_workers(settings, run)
+        except OSError as e:
+            print(f"credscope-server: {e}", file=sys.stderr)
+            return 1
+    return run(settings)
 
 
 if __name__ == "__main__":
