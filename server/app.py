@@ -42,11 +42,12 @@ class CredScopeServer:
         self.health = health.aio.HealthServicer()
         self.server = grpc.aio.server(interceptors=self.interceptors(), options=server_options(settings))
         scoring_pb2_grpc.add_ScoringServiceServicer_to_server(ScoringService(self.runtime, settings), self.server)
-        admin_pb2_grpc.add_AdminServiceServicer_to_server(AdminService(), self.server)
+        admin_pb2_grpc.add_AdminServiceServicer_to_server(AdminService(self.runtime), self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection((*SERVED, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server)
         self.port = 0
         self.draining = False
+        self._watch: asyncio.Task[None] | None = None
 
     def interceptors(self) -> list[grpc.aio.ServerInterceptor]:
         return [RequestIdInterceptor(accepting=lambda: not self.draining)]
@@ -65,6 +66,7 @@ class CredScopeServer:
         await self.server.start()
         scorer = await asyncio.to_thread(self.runtime.load)
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
+        self._watch = asyncio.create_task(self.runtime.watch())
         log.info("serving model %s on %s:%d", scorer.version, s.host, self.port)
         return self.port
 
@@ -73,6 +75,8 @@ class CredScopeServer:
         then stop, giving calls still in flight the grace period."""
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         self.draining = True
+        if self._watch is not None:
+            self._watch.cancel()
         drain = self.settings.server.drain_seconds if drain is None else drain
         if drain > 0:
             await asyncio.sleep(drain)

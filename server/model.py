@@ -246,3 +246,29 @@ def load_model(model_dir: Path, version: str | None = None, *, intra_op_threads:
         proba_column=int(onnx_meta.get("probability_column", 1)),
         features_output=features_output if features_output in outputs else None,
     )
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file in the same folder, fsync and ``os.replace``,
+    so readers (other workers) see the old or the new content, never a torn one."""
+    import os
+    import tempfile
+
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; the server may run as another user
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def set_active(model_dir: Path, version: str) -> None:
+    """Make ``version`` the store's ACTIVE one (atomically); every worker watching the store follows."""
+    if not _is_version(version) or not (Path(model_dir) / version / ONNX_FILE).is_file():
+        raise ModelNotFoundError(f"model {version!r} is not in the store {model_dir}")
+    write_atomic(Path(model_dir) / ACTIVE_FILE, f"{version}\n".encode())

@@ -1,20 +1,38 @@
-"""The serving state of a worker: the active scorer (swappable atomically) and readiness."""
+"""The serving state of a worker: the active scorer (hot-swappable) and readiness.
+
+A call reads ``runtime.scorer`` once and uses that object to the end, so a model switch never gives
+a call a mix of versions: calls that started before the switch finish on the old model, later ones
+run on the new one. Switching is one reference assignment after the new model is loaded and warmed.
+
+Workers follow the store's ACTIVE file (polled every ``model.watch_seconds``), so an
+``AdminService.ActivateModel`` call that reaches one worker — it writes ACTIVE — reaches them all
+within seconds.
+"""
 
 from __future__ import annotations
 
-from server.errors import Unavailable
-from server.model import load_model
+import asyncio
+import logging
+import math
+
+import numpy as np
+
+from server.errors import FailedPrecondition, NotFound, Unavailable
+from server.model import ModelError, ModelNotFoundError, active_version, load_model, set_active
+from server.schema import COLUMNS
 from server.scoring import Scorer
 from server.settings import Settings
 
+log = logging.getLogger("credscope.server")
+
 
 class Runtime:
-    """Holds the scorer that answers calls. Replacing ``_scorer`` is one reference assignment, so a
-    call sees either the old or the new model, never a mix."""
+    """Holds the scorer that answers calls."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self._scorer: Scorer | None = None
+        self._switch = asyncio.Lock()
 
     @property
     def ready(self) -> bool:
@@ -27,9 +45,50 @@ class Runtime:
             raise Unavailable("the model is still loading; retry shortly")
         return scorer
 
+    def _load(self, version: str | None) -> Scorer:
+        model = load_model(self.settings.model.model_dir, version,
+                           intra_op_threads=self.settings.model.intra_op_threads)
+        scorer = Scorer(model)
+        scorer.score(np.full((1, len(COLUMNS)), math.nan, dtype=np.float32))  # warm the session up
+        return scorer
+
     def load(self, version: str | None = None) -> Scorer:
         """Load a model version (the configured or ACTIVE one by default) and serve it."""
-        model = load_model(self.settings.model.model_dir, version or self.settings.model.version,
-                           intra_op_threads=self.settings.model.intra_op_threads)
-        self._scorer = Scorer(model)
+        self._scorer = self._load(version or self.settings.model.version)
         return self._scorer
+
+    async def activate(self, version: str) -> tuple[str, str]:
+        """Serve ``version`` from the store and make it the store's ACTIVE one; return (previous, new)."""
+        async with self._switch:
+            previous = self._scorer.version if self._scorer else ""
+            try:
+                scorer = self._scorer if previous == version else await asyncio.to_thread(self._load, version)
+            except ModelNotFoundError as e:
+                raise NotFound(f"model version {version!r} is not in the model store") from e
+            except ModelError as e:
+                raise FailedPrecondition(f"model version {version!r} cannot be served: {e}") from e
+            set_active(self.settings.model.model_dir, version)
+            self._scorer = scorer
+        if previous != version:
+            log.info("model switched from %s to %s", previous or "-", version)
+        return previous, version
+
+    async def watch(self) -> None:
+        """Follow the store's ACTIVE file (unless a version is pinned by settings); runs until cancelled."""
+        interval = self.settings.model.watch_seconds
+        if interval <= 0 or self.settings.model.version:
+            return
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                wanted = active_version(self.settings.model.model_dir)
+                current = self._scorer.version if self._scorer else None
+                if wanted and wanted != current and not self._switch.locked():
+                    async with self._switch:
+                        scorer = await asyncio.to_thread(self._load, wanted)
+                        self._scorer = scorer
+                    log.info("model switched from %s to %s (store ACTIVE changed)", current, wanted)
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # noqa: BLE001 - a bad store must not stop the worker
+                log.error("cannot follow the model store's ACTIVE version: %s", e)

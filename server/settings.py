@@ -38,6 +38,8 @@ class ModelSettings(BaseModel):
     model_dir: Path = Field(Path("models"), description="Model store: <dir>/<version>/model.onnx + ACTIVE file.")
     version: str | None = Field(None, description="Version to serve; the store's ACTIVE one when unset.")
     intra_op_threads: int = Field(1, ge=0, description="onnxruntime intra-op threads (0 = onnxruntime's choice).")
+    watch_seconds: float = Field(2.0, ge=0, description="How often workers check the store's ACTIVE file and "
+                                 "switch to the version it names (0 = never).")
 
 
 class AuthSettings(BaseModel):
@@ -84,6 +86,19 @@ class AuditSettings(BaseModel):
     spool_dir: Path = Field(Path("spool"), description="Where batches wait while the database is down.")
 
 
+class PortfolioSettings(BaseModel):
+    """Default loan parameters of BatchScore's portfolio metrics (a request may override each; formulas in
+    ``server/portfolio.py``)."""
+
+    average_loan_amount: float = Field(500_000.0, gt=0, allow_inf_nan=False, description="Average loan amount.")
+    interest_rate: float = Field(0.12, ge=0, le=1, description="Yearly interest rate, 0 to 1 (0.12 = 12%).")
+    term_months: int = Field(60, ge=1, le=600, description="Loan term in months.")
+    loss_given_default: float = Field(0.70, ge=0, le=1, description="Share of the loan lost on a default, 0 to 1.")
+    processing_cost: float = Field(500.0, ge=0, allow_inf_nan=False, description="One-off processing cost per loan.")
+    operating_cost_per_year: float = Field(1_000.0, ge=0, allow_inf_nan=False,
+                                           description="Operating cost per loan per year.")
+
+
 class TelemetrySettings(BaseModel):
     """Metrics and traces."""
 
@@ -104,4 +119,5 @@ class Settings(BaseSettings):
     cache: CacheSettings = CacheSettings()
     audit: AuditSettings = AuditSettings()
     telemetry: TelemetrySettings = TelemetrySettings()
+    portfolio: PortfolioSettings = PortfolioSettings()
     log_level: str = Field("INFO", description="Logging level.")

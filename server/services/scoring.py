@@ -12,6 +12,12 @@ from server.convert import applicant_to_row, fill_prediction, rows_to_matrix, ti
 from server.errors import InvalidArgument, Unimplemented, Violation
 from server.interceptors.request_id import REQUEST_ID_HELP, valid_request_id
 from server.model import list_versions, read_metadata
+from server.portfolio_convert import (
+    default_loan_parameters,
+    fill_portfolio,
+    loan_parameters_from_proto,
+    portfolio_of,
+)
 from server.runtime import Runtime
 from server.settings import Settings
 
@@ -63,6 +69,10 @@ class ScoringService(scoring_pb2_grpc.ScoringServiceServicer):
         if n > limit:
             raise InvalidArgument(f"batch of {n} applicants is over the limit of {limit}", [
                 Violation("applicants", f"send at most {limit} applicants per call; split the batch")])
+        loan, loan_violations = loan_parameters_from_proto(
+            request.loan_parameters, default_loan_parameters(self.settings.portfolio))
+        if loan_violations:
+            raise InvalidArgument(f"loan_parameters has {len(loan_violations)} invalid field(s)", loan_violations)
         response = scoring_pb2.BatchScoreResponse(request_id=request_id)
         rows, positions = [], []
         for i, applicant in enumerate(request.applicants):
@@ -79,17 +89,19 @@ class ScoringService(scoring_pb2_grpc.ScoringServiceServicer):
                 positions.append(i)
         scorer = self.runtime.scorer
         response.model_version = scorer.version
-        for i, res in zip(positions, scorer.score(rows_to_matrix(rows)) if rows else [], strict=True):
+        scored = scorer.score(rows_to_matrix(rows)) if rows else []
+        for i, res in zip(positions, scored, strict=True):
             fill_prediction(response.results[i].prediction, res, f"{request_id}/{i}", from_cache=False)
+        fill_portfolio(response.portfolio, portfolio_of(scored, loan))
         response.timestamp.CopyFrom(timestamp(time.time()))
         response.processing_time_ms = (time.perf_counter() - started) * 1000.0
         return response
 
     async def GetModelInfo(self, request: scoring_pb2.GetModelInfoRequest, context: grpc.aio.ServicerContext
                            ) -> scoring_pb2.GetModelInfoResponse:
-        model = self.runtime.scorer.model
+        scorer = self.runtime.scorer
+        model, policy = scorer.model, scorer.policy
         meta = model.metadata
-        policy = self.runtime.scorer.policy
         response = scoring_pb2.GetModelInfoResponse(
             model_version=model.version,
             input_features=[c["name"] for c in meta.get("columns", [])],

@@ -1,0 +1,114 @@
+"""Model store and hot swap: ActivateModel switches versions under load with no failed or mixed call,
+and every worker follows the store's ACTIVE file."""
+
+from __future__ import annotations
+
+import shutil
+import threading
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+
+from client import CredScopeClient, CredScopeRpcError
+from credscope.v1 import admin_pb2
+from server.convert import applicant_to_row, rows_to_matrix
+from server.model import active_version, load_model
+from tests.helpers import start_server
+from tests.test_api import GOOD, applicant
+
+
+@pytest.fixture(scope="module")
+def two_version_store(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str, str]:
+    """A store holding the session model and a second version trained with another seed."""
+    from tools.train import train
+
+    store = tmp_path_factory.mktemp("store")
+    first = active_version(model_dir)
+    assert first
+    shutil.copytree(model_dir / first, store / first)
+    (store / "ACTIVE").write_text(first)
+    second = train(model_dir=store, rows=8_000, seed=11, n_estimators=30, quiet=True, activate=False).version
+    assert second != first and active_version(store) == first
+    return store, first, second
+
+
+def admin_env() -> dict[str, str]:
+    return {"CREDSCOPE_AUTH__ALLOW_ANONYMOUS": "true", "CREDSCOPE_MODEL__WATCH_SECONDS": "0.2"}
+
+
+def test_activate_under_load_never_fails_or_mixes(two_version_store, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    store, first, second = two_version_store
+    expected = {}
+    for v in (first, second):
+        m = load_model(store, v)
+        expected[v] = float(m.predict_proba(rows_to_matrix([applicant_to_row(applicant())[0]]))[0])
+    assert expected[first] != expected[second]
+    sp = start_server(store, cwd=tmp_path, env=admin_env())
+    seen: list[tuple[float, str, float]] = []
+    errors: list[BaseException] = []
+    stop = threading.Event()
+
+    def load() -> None:
+        with CredScopeClient(sp.target, timeout=10) as c:
+            for _ in range(3000):
+                if stop.is_set():
+                    return
+                try:
+                    r = c.score(GOOD)
+                    seen.append((time.monotonic(), r.model_version, r.default_probability))
+                except Exception as e:  # noqa: BLE001
+                    errors.append(e)
+
+    threads = [threading.Thread(target=load) for _ in range(3)]
+    try:
+        for t in threads:
+            t.start()
+        time.sleep(0.5)
+        with CredScopeClient(sp.target, timeout=30) as admin:
+            resp = admin.admin_call("ActivateModel", admin_pb2.ActivateModelRequest(version=second))
+            switched = time.monotonic()
+            assert (resp.previous_version, resp.active_version) == (first, second)
+            time.sleep(0.5)
+            stop.set()
+            for t in threads:
+                t.join(30)
+            assert admin.model_info().model_version == second
+    finally:
+        stop.set()
+        sp.stop()
+    assert not errors, errors[:3]
+    assert {v for _, v, _ in seen} == {first, second}
+    for _, version, p in seen:  # each answer is entirely one version's
+        assert p == pytest.approx(expected[version], abs=1e-9)
+    assert all(v == second for t, v, _ in seen if t > switched + 0.05)
+    assert active_version(store) == second
+
+
+def test_workers_follow_the_active_file(two_version_store, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    store, first, second = two_version_store
+    (store / "ACTIVE").write_text(first)
+    sp = start_server(store, cwd=tmp_path, env=admin_env())
+    try:
+        with CredScopeClient(sp.target, timeout=10) as c:
+            assert c.score(GOOD).model_version == first
+            (store / "ACTIVE").write_text(second)
+            deadline = time.monotonic() + 10
+            while c.score(GOOD).model_version != second:
+                assert time.monotonic() < deadline, "the worker did not follow ACTIVE"
+                time.sleep(0.1)
+            info = c.model_info()
+            assert {v.version for v in info.versions} == {first, second}
+            assert [v.version for v in info.versions if v.active] == [second]
+    finally:
+        sp.stop()
+
+
+def test_activate_unknown_version(server) -> None:  # type: ignore[no-untyped-def]
+    with CredScopeClient(server.target, timeout=10) as c:
+        for version, code in (("0123456789abcdef", grpc.StatusCode.NOT_FOUND),
+                              ("", grpc.StatusCode.INVALID_ARGUMENT)):
+            with pytest.raises(CredScopeRpcError) as e:
+                c.admin_call("ActivateModel", admin_pb2.ActivateModelRequest(version=version))
+            assert e.value.code == code
