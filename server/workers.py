@@ -63,10 +63,17 @@ def default_workers() -> int:
 
 def reserve_port(host: str, port: int) -> socket.socket:
     """Bind (without listening) a SO_REUSEPORT socket to ``host:port`` (0 = an ephemeral port) so that
-    every worker can bind the same port and nobody else takes it in between."""
+    every worker can bind the same port and nobody else takes it in between.
+
+    A given port is first bound *without* SO_REUSEPORT: that fails if anything listens there, even
+    another server's SO_REUSEPORT group, which the workers would otherwise silently join."""
     bare = host[1:-1] if host.startswith("[") and host.endswith("]") else host
     family, kind, proto, _, address = socket.getaddrinfo(bare or None, port, type=socket.SOCK_STREAM,
                                                          flags=socket.AI_PASSIVE)[0]
+    if port != 0:
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind(address)
     sock = socket.socket(family, kind, proto)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
