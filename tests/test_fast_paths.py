@@ -145,3 +145,48 @@ def test_scorer_batches_equal_single_rows(model) -> None:  # type: ignore[no-unt
         assert (b.decision, b.risk_level, b.model_version) == (s.decision, s.risk_level, s.model_version)
         assert b.probability == pytest.approx(s.probability, abs=1e-6)
         assert b.confidence == pytest.approx(s.confidence, abs=1e-5)
+
+
+async def test_interceptors_build_each_methods_handler_once() -> None:
+    import grpc
+
+    from server.interceptors.base import AroundInterceptor
+
+    seen: list[str] = []
+
+    class Recording(AroundInterceptor):
+        async def around(self, method, behavior, request, context):  # type: ignore[no-untyped-def]
+            seen.append(method)
+            return await behavior(request, context)
+
+    async def behaviour(request, context):  # type: ignore[no-untyped-def]
+        return request * 2
+
+    class Details:
+        def __init__(self, method: str) -> None:
+            self.method = method
+
+    servicer = grpc.unary_unary_rpc_method_handler(behaviour)
+    inner = {"current": servicer}
+
+    async def continuation(details):  # type: ignore[no-untyped-def]
+        return inner["current"] if details.method.startswith("/credscope") else None
+
+    icpt = Recording()
+    score = Details("/credscope.v1.ScoringService/Score")
+    first = await icpt.intercept_service(continuation, score)
+    assert await icpt.intercept_service(continuation, score) is first  # reused
+    assert await first.unary_unary(21, None) == 42 and seen == ["/credscope.v1.ScoringService/Score"]
+    other = await icpt.intercept_service(continuation, Details("/credscope.v1.ScoringService/BatchScore"))
+    assert other is not first
+    inner["current"] = grpc.unary_unary_rpc_method_handler(behaviour)  # the inner handler changed: rebuilt
+    assert await icpt.intercept_service(continuation, score) is not first
+    health = Details("/grpc.health.v1.Health/Check")
+    assert await icpt.intercept_service(continuation, health) is None
+    inner["current"] = servicer
+    infra = await Recording().intercept_service(lambda d: _const(servicer), health)
+    assert infra is servicer  # health and reflection pass through unwrapped
+
+
+async def _const(value):  # type: ignore[no-untyped-def]
+    return value
