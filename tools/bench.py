@@ -433,6 +433,7 @@ class Bench:
                 "CREDSCOPE_CACHE__REDIS_URL": a.redis_url,
                 "CREDSCOPE_RATE_LIMIT__REDIS_URL": a.redis_url,
                 "CREDSCOPE_CACHE__KEY_PREFIX": f"credscope-bench:{self.run_id}:",
+                "CREDSCOPE_RATE_LIMIT__KEY_PREFIX": f"credscope-bench:{self.run_id}:ratelimit:",
                 "CREDSCOPE_AUDIT__URL": dsn,
                 "CREDSCOPE_AUTH__KEY_STORE_URL": dsn,
             })
