@@ -38,6 +38,8 @@ class ModelSettings(BaseModel):
     model_dir: Path = Field(Path("models"), description="Model store: <dir>/<version>/model.onnx + ACTIVE file.")
     version: str | None = Field(None, description="Version to serve; the store's ACTIVE one when unset.")
     intra_op_threads: int = Field(1, ge=0, description="onnxruntime intra-op threads (0 = onnxruntime's choice).")
+    batch_intra_op_threads: int = Field(2, ge=0, description="onnxruntime intra-op threads for matrices of 128+ "
+                                        "rows (BatchScore): a second session; equal to intra_op_threads = none.")
     watch_seconds: float = Field(2.0, ge=0, description="How often workers check the store's ACTIVE file and "
                                  "switch to the version it names (0 = never).")
 

@@ -190,3 +190,19 @@ async def test_interceptors_build_each_methods_handler_once() -> None:
 
 async def _const(value):  # type: ignore[no-untyped-def]
     return value
+
+
+def test_batch_session_scores_large_matrices_like_the_single_row_session(model_dir) -> None:  # type: ignore[no-untyped-def]
+    from server.model import load_model
+
+    plain = load_model(model_dir)
+    two = load_model(model_dir, batch_intra_op_threads=2)
+    assert plain.batch_session is None and two.batch_session is not None
+    rows = [applicant_to_row(_random_applicant(random.Random(i)))[0] for i in range(400)]
+    x = np.asarray(rows, dtype=np.float32)
+    x[:, [4, 5]] = np.abs(x[:, [4, 5]]) + 1000
+    big = two.predict_proba(x)  # 400 rows >= batch_rows: the two-thread session
+    assert len(x) >= two.batch_rows
+    np.testing.assert_allclose(big, plain.predict_proba(x), rtol=0, atol=1e-6)
+    small = x[: two.batch_rows - 1]  # below batch_rows: the one-thread session, bit for bit
+    assert (two.predict_proba(small) == plain.predict_proba(small)).all()
