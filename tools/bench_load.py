@@ -21,6 +21,7 @@ import os
 import time
 from array import array
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -71,6 +72,8 @@ class LoadResult:
     first_error: str | None = None
     concurrency: int = 0
     processes: int = 0
+    server_cpu_us: float | None = None
+    """Server CPU time (all its processes) per measured call, in microseconds, when the caller measured it."""
 
     def as_dict(self) -> dict[str, Any]:
         return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in self.__dict__.items()}
@@ -80,7 +83,7 @@ def _share(n: int, parts: int, index: int) -> int:
     return n // parts + (1 if index < n % parts else 0)
 
 
-async def _drive(spec: LoadSpec, index: int, barrier: Any) -> dict[str, Any]:
+async def _drive(spec: LoadSpec, index: int, barrier: Any, started: Any) -> dict[str, Any]:
     import grpc
 
     procs = spec.processes
@@ -128,6 +131,8 @@ async def _drive(spec: LoadSpec, index: int, barrier: Any) -> dict[str, Any]:
             end = time.perf_counter() + spec.warmup
             await asyncio.gather(*(worker(s, warm, end, 1 << 62, False) for s in range(conc)))
         await asyncio.to_thread(barrier.wait, 60)
+        if index == 0:
+            started.put((index, {"started": True}))
         state["next"] = 0
         start = time.perf_counter()
         await asyncio.gather(*(worker(s, mine, start + spec.duration, quota, True) for s in range(conc)))
@@ -140,7 +145,7 @@ async def _drive(spec: LoadSpec, index: int, barrier: Any) -> dict[str, Any]:
 
 def _process(spec: LoadSpec, index: int, barrier: Any, out: Any) -> None:
     try:
-        out.put((index, asyncio.run(_drive(spec, index, barrier))))
+        out.put((index, asyncio.run(_drive(spec, index, barrier, out))))
     except BaseException as e:  # noqa: BLE001 - reported to the parent, which fails the run
         try:
             barrier.abort()
@@ -148,8 +153,9 @@ def _process(spec: LoadSpec, index: int, barrier: Any, out: Any) -> None:
             out.put((index, {"fatal": f"{type(e).__name__}: {e}"}))
 
 
-def run_load(spec: LoadSpec) -> LoadResult:
-    """Run ``spec`` with ``spec.processes`` processes; return the merged result."""
+def run_load(spec: LoadSpec, on_start: Callable[[], None] | None = None) -> LoadResult:
+    """Run ``spec`` with ``spec.processes`` processes; return the merged result. ``on_start`` is called
+    when the measured phase starts (after the warm-up), e.g. to read the server's CPU time."""
     if not spec.payloads:
         raise ValueError("no payloads to send")
     ctx = multiprocessing.get_context("fork")  # the payload lists are shared copy-on-write
@@ -175,6 +181,10 @@ def run_load(spec: LoadSpec) -> LoadResult:
                 continue
             if "fatal" in res:
                 raise RuntimeError(f"load process {index} failed: {res['fatal']}")
+            if "started" in res:
+                if on_start is not None:
+                    on_start()
+                continue
             results[index] = res
     finally:
         for p in procs:
