@@ -59,7 +59,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 from tools.bench_load import LoadResult, LoadSpec, cpu_count, run_load
-from tools.bench_peers import ECHO_METHOD, MLSERVER_INFER, ROOT, MLServerProcess, read_frames
+from tools.bench_peers import ECHO_METHOD, MLSERVER_INFER, ROOT, MLServerProcess, read_frames, venv_python
 
 SCORE = "/credscope.v1.ScoringService/Score"
 BATCH = "/credscope.v1.ScoringService/BatchScore"
@@ -613,7 +613,6 @@ class Bench:
             return
         folder = self.workdir / "mlserver"
         folder.mkdir(exist_ok=True)
-        say(f"MLServer peer (parallel_workers={a.mlserver_workers})")
         peer = subprocess.run([sys.executable, "-m", "tools.bench_peers", "peer-model", "--model-dir",
                                str(a.model_dir), "--version", version, "--out", str(a.peer_cache)],
                               capture_output=True, text=True, cwd=ROOT, env=base_env(), timeout=900)
@@ -626,28 +625,38 @@ class Bench:
 
         np.save(folder / "rows.npy", rows_of(apps))
         np.save(folder / "check.npy", rows_of(self.fixed[:8]))
-        ml = MLServerProcess(venv, model_file, version, folder, a.mlserver_workers)
-        made = ml.python("mlserver-requests", "--rows", str(folder / "rows.npy"), "--version", version,
+        made = venv_python(venv, "mlserver-requests", "--rows", str(folder / "rows.npy"), "--version", version,
                          "--out", str(folder / "requests.bin"))
         if made.returncode != 0:
             self.skip("mlserver", "-", "score-miss", f"cannot build V2 requests: {made.stderr.strip()[-300:]}")
             return
         payloads = read_frames(folder / "requests.bin")
+        for pw in a.mlserver_workers:
+            self._run_one_mlserver(venv, model_file, version, folder, pw, payloads)
+
+    def _run_one_mlserver(self, venv: Path, model_file: Path, version: str, folder: Path, pw: int,
+                          payloads: list[bytes]) -> None:
+        a = self.args
+        config = f"pw={pw}"
+        say(f"MLServer peer (parallel_workers={pw})")
+        work = folder / config
+        work.mkdir(exist_ok=True)
+        ml = MLServerProcess(venv, model_file, version, work, pw)
         try:
             ml.start()
             ready = in_child(_mlserver_ready, ml.target, 120.0, timeout=150)
             if ready != "ok":
-                self.skip("mlserver", "-", "score-miss", f"MLServer did not become ready ({ready}): {ml.log_tail(8)}")
+                self.skip("mlserver", config, "score-miss", f"MLServer did not become ready ({ready}): {ml.log_tail(8)}")
                 return
             same = self._same_model(ml, folder, version)
             if same:
-                self.notes.append(same)
+                self.notes.append(f"{same} ({config})")
             for c in a.concurrency:
-                self.measure(Row("mlserver", f"pw={a.mlserver_workers}", "score-miss", c,
+                self.measure(Row("mlserver", config, "score-miss", c,
                                  note="V2 ModelInfer, 1 row FP32 raw tensor, predict_proba"),
                              self.spec(ml.target, MLSERVER_INFER, payloads, c), ml.proc.pid if ml.proc else None)
         except OSError as e:
-            self.skip("mlserver", "-", "score-miss", f"MLServer did not start: {e}")
+            self.skip("mlserver", config, "score-miss", f"MLServer did not start: {e}")
         finally:
             ml.stop()
 
@@ -680,8 +689,9 @@ class Bench:
             self.run_mlserver(version)
         return self.report(version, time.time() - started)
 
-    def best(self, system: str, config: str, scenario: str, concurrency: int | None = None) -> Row | None:
-        rows = [r for r in self.rows if r.system == system and r.config == config and r.scenario == scenario
+    def best(self, system: str, config: str | None, scenario: str, concurrency: int | None = None) -> Row | None:
+        """The row with the most req/s (``config`` None: over every configuration of ``system``)."""
+        rows = [r for r in self.rows if r.system == system and config in (None, r.config) and r.scenario == scenario
                 and r.result and r.status == "ok" and (concurrency is None or r.concurrency == concurrency)]
         return max(rows, key=lambda r: r.result["rps"]) if rows else None  # type: ignore[index]
 
@@ -690,7 +700,7 @@ class Bench:
         mod = a.moderate
         miss = self.best("credscope", "embedded", "score-miss")
         echo = self.best("echo", "-", "score-miss")
-        mls = self.best("mlserver", f"pw={a.mlserver_workers}", "score-miss")
+        mls = self.best("mlserver", None, "score-miss")  # MLServer's best configuration
         off = self.best("credscope", "audit-off", "score-miss")
         moderate = self.best("credscope", "embedded", "score-miss", mod)
         hit = self.best("credscope", "embedded", "score-hit", mod)
@@ -856,6 +866,16 @@ def _levels(text: str) -> list[int]:
     return levels
 
 
+def _levels0(text: str) -> list[int]:
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 0:
+        raise argparse.ArgumentTypeError("parallel_workers must be >= 0")
+    return values
+
+
 def _names(allowed: tuple[str, ...]) -> Callable[[str], list[str]]:
     def parse(text: str) -> list[str]:
         names = [x.strip() for x in text.split(",") if x.strip()]
@@ -906,24 +926,32 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--no-echo", dest="echo", action="store_false", help="skip the echo floor")
     p.add_argument("--no-mlserver", dest="mlserver", action="store_false", help="skip the MLServer peer")
     p.add_argument("--mlserver-venv", type=Path, default=Path(".venv-bench"), help="MLServer's virtualenv")
-    p.add_argument("--mlserver-workers", type=int, default=0,
-                   help="MLServer parallel_workers (0 = inference in its server process, its fastest setting "
-                        "for a small model; default 0)")
+    p.add_argument("--mlserver-workers", type=_levels0, default=[0, 1],
+                   help="MLServer parallel_workers settings to run, comma-separated (0 = inference in its server "
+                        "process, 1 = MLServer's default: one inference process); the ratio uses the best (default 0,1)")
     p.add_argument("--peer-cache", type=Path, default=Path("reports/bench-peer"),
                    help="where the peer's refitted pipeline is kept (default %(default)s)")
     p.add_argument("--out", type=Path, default=Path("reports/bench.json"), help="JSON results (PNG beside it)")
     p.add_argument("--quick", action="store_true",
-                   help="a short smoke run: 1 s per run, 0.3 s warm-up, concurrency 1,4, embedded config only")
+                   help="a short smoke run: 1 s per run, 0.3 s warm-up, concurrency 1,4, embedded config only, "
+                        "MLServer with parallel_workers=0 (flags given explicitly win)")
     p.add_argument("--keep", action="store_true", help="keep the work folder (server logs, databases)")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    if args.quick:
-        args.duration, args.warmup, args.concurrency, args.batch_concurrency = 1.0, 0.3, [1, 4], [1]
-        if "--configs" not in (argv if argv is not None else sys.argv):
-            args.configs = ["embedded"]
+    if args.quick:  # shorter defaults; flags given explicitly still win
+        argv_list = list(argv if argv is not None else sys.argv[1:])
+
+        def given(flag: str) -> bool:
+            return any(x == flag or x.startswith(flag + "=") for x in argv_list)
+
+        for flag, attr, value in (("--duration", "duration", 1.0), ("--warmup", "warmup", 0.3),
+                                  ("--concurrency", "concurrency", [1, 4]), ("--batch-concurrency", "batch_concurrency", [1]),
+                                  ("--configs", "configs", ["embedded"]), ("--mlserver-workers", "mlserver_workers", [0])):
+            if not given(flag):
+                setattr(args, attr, value)
         args.requests = min(args.requests, 5000)
         args.explain_requests = min(args.explain_requests, 1000)
         args.batch_applicants = min(args.batch_applicants, 20_000)

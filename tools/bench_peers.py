@@ -231,6 +231,20 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
+def peer_env() -> dict[str, str]:
+    """The environment of MLServer and of this module's subcommands under .venv-bench."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLSERVER_", "CREDSCOPE_"))}
+    env["PYTHONPATH"] = str(ROOT)  # the pickled pipeline's FeatureEngineer is tools.train's
+    env["OMP_NUM_THREADS"] = "1"
+    return env
+
+
+def venv_python(venv: Path, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    """Run ``python -m tools.bench_peers ARGS`` with another virtualenv's Python (MLServer's)."""
+    return subprocess.run([str(Path(venv) / "bin" / "python"), "-m", "tools.bench_peers", *args],
+                          capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=peer_env())
+
+
 class MLServerProcess:
     """``mlserver start`` in a folder of its own; stop() by its pid (SIGTERM, then SIGKILL)."""
 
@@ -259,10 +273,7 @@ class MLServerProcess:
         return f"127.0.0.1:{self.grpc_port}"
 
     def env(self) -> dict[str, str]:
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("MLSERVER_", "CREDSCOPE_"))}
-        env["PYTHONPATH"] = str(ROOT)  # the pickled pipeline's FeatureEngineer is tools.train's
-        env["OMP_NUM_THREADS"] = "1"
-        return env
+        return peer_env()
 
     def start(self) -> None:
         log = open(self.log_path, "wb")  # noqa: SIM115 - closed with the process
@@ -272,8 +283,7 @@ class MLServerProcess:
         log.close()
 
     def python(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([str(self.venv / "bin" / "python"), "-m", "tools.bench_peers", *args],
-                              capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=self.env())
+        return venv_python(self.venv, *args, timeout=timeout)
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
