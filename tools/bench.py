@@ -379,6 +379,8 @@ class Bench:
     args: argparse.Namespace
     rows: list[Row] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    audit_rows: dict[str, int | None] = field(default_factory=dict)
+    """Prediction rows the audit trail held after each configuration with audit on (None: no audit trail)."""
     run_id: str = field(default_factory=lambda: uuid.uuid4().hex[:8])
 
     def __post_init__(self) -> None:
@@ -575,6 +577,7 @@ class Bench:
         else:
             rows = sqlite_count(folder / "audit.db", "predictions")
         if audit_on:
+            self.audit_rows[config] = rows
             self.notes.append(f"credscope [{config}] audit trail: " + (
                 "feature not available (no predictions table)" if rows is None else f"{rows} prediction rows"))
         if config == "networked":
@@ -701,7 +704,8 @@ class Bench:
         miss = self.best("credscope", "embedded", "score-miss")
         echo = self.best("echo", "-", "score-miss")
         mls = self.best("mlserver", None, "score-miss")  # MLServer's best configuration
-        off = self.best("credscope", "audit-off", "score-miss")
+        # audit on vs off means something only when the server has an audit trail
+        off = self.best("credscope", "audit-off", "score-miss") if self.audit_rows.get("embedded") else None
         moderate = self.best("credscope", "embedded", "score-miss", mod)
         hit = self.best("credscope", "embedded", "score-hit", mod)
         expl = self.best("credscope", "embedded", "score-explain", mod)
