@@ -85,8 +85,9 @@ def reserve_port(host: str, port: int) -> socket.socket:
     return sock
 
 
-def _worker(index: int, settings: Settings, run: RunWorker, conn: Connection) -> None:
+def _worker(index: int, settings: Settings, run: RunWorker, conn: Connection, reserved_fd: int) -> None:
     """Body of a worker process (forked)."""
+    os.close(reserved_fd)  # the parent's port reservation: the worker's own listening socket takes over
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.default_int_handler)
     for handler in logging.getLogger().handlers:
@@ -159,7 +160,7 @@ class _Supervisor:
             ready_conns: dict[Connection, int] = {}
             for i in range(self.n):
                 parent_end, child_end = ctx.Pipe(duplex=False)
-                p = ctx.Process(target=_worker, args=(i, self.settings, self.run, child_end),
+                p = ctx.Process(target=_worker, args=(i, self.settings, self.run, child_end, reserved.fileno()),
                                 name=f"credscope-worker-{i}")
                 p.start()
                 child_end.close()
