@@ -10,9 +10,17 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from credscope.v1 import admin_pb2, admin_pb2_grpc, scoring_pb2, scoring_pb2_grpc
+from server import db, tracing
+from server.cached_scoring import open_caches
+from server.interceptors.auth import AuthInterceptor
+from server.interceptors.metrics import MetricsInterceptor
+from server.interceptors.ratelimit import RateLimitInterceptor
 from server.interceptors.request_id import RequestIdInterceptor
+from server.interceptors.tracing import TracingInterceptor
 from server.runtime import Runtime
+from server.security import Security
 from server.services.admin import AdminService
+from server.services.api_keys import ApiKeyAdmin
 from server.services.scoring import ScoringService
 from server.settings import Settings
 
@@ -39,10 +47,14 @@ class CredScopeServer:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.runtime = Runtime(settings)
+        self.caches = open_caches(settings.cache)
         self.health = health.aio.HealthServicer()
+        self.security = Security(settings)
         self.server = grpc.aio.server(interceptors=self.interceptors(), options=server_options(settings))
-        scoring_pb2_grpc.add_ScoringServiceServicer_to_server(ScoringService(self.runtime, settings), self.server)
-        admin_pb2_grpc.add_AdminServiceServicer_to_server(AdminService(self.runtime), self.server)
+        scoring_pb2_grpc.add_ScoringServiceServicer_to_server(ScoringService(self.runtime, settings, self.caches),
+                                                              self.server)
+        admin_pb2_grpc.add_AdminServiceServicer_to_server(
+            AdminService(self.runtime, api_keys=ApiKeyAdmin(self.security), caches=self.caches), self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection((*SERVED, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server)
         self.port = 0
@@ -50,7 +62,12 @@ class CredScopeServer:
         self._watch: asyncio.Task[None] | None = None
 
     def interceptors(self) -> list[grpc.aio.ServerInterceptor]:
-        return [RequestIdInterceptor(accepting=lambda: not self.draining)]
+        traced: list[grpc.aio.ServerInterceptor] = [TracingInterceptor()] if tracing.enabled() else []
+        return [*traced, MetricsInterceptor(),
+                RequestIdInterceptor(accepting=lambda: not self.draining),
+                AuthInterceptor(self.security.verifier, allow_anonymous=self.settings.auth.allow_anonymous),
+                RateLimitInterceptor(self.security.limiter, self.security.usage,
+                                     max_batch=self.settings.server.max_batch_size)]
 
     async def _set_health(self, status: health_pb2.HealthCheckResponse.ServingStatus.ValueType) -> None:
         for name in ("", *SERVED):
@@ -63,8 +80,11 @@ class CredScopeServer:
         if self.port == 0:
             raise RuntimeError(f"could not bind {s.host}:{s.port}")
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        await db.migrate(self.settings.auth.key_store_url)
+        await self.security.start()
         await self.server.start()
         scorer = await asyncio.to_thread(self.runtime.load)
+        await self._log_cache()
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         self._watch = asyncio.create_task(self.runtime.watch())
         log.info("serving model %s on %s:%d", scorer.version, s.host, self.port)
@@ -81,6 +101,15 @@ class CredScopeServer:
         if drain > 0:
             await asyncio.sleep(drain)
         await self.server.stop(self.settings.server.grace_seconds if grace is None else grace)
+        await self.security.close()
+        await self.caches.close()
+
+    async def _log_cache(self) -> None:
+        """Say which cache serves (a Redis that does not answer yet is not fatal: scoring goes uncached)."""
+        c = self.caches
+        answers = c.enabled and await c.check()
+        log.info("caches: %s (%s)%s", c.kind, c.where, "" if answers else
+                 " - disabled" if not c.enabled else " - not answering yet; scoring goes on uncached until it does")
 
     async def wait(self) -> None:
         await self.server.wait_for_termination()

@@ -10,7 +10,8 @@ import numpy as np
 from google.protobuf import timestamp_pb2
 
 from credscope.v1 import applicant_pb2, scoring_pb2
-from server.errors import Violation
+from server.errors import InvalidArgument, Violation
+from server.explain import DEFAULT_TOP_K, Explanation
 from server.schema import COLUMNS, Column
 from server.scoring import ScoreResult
 
@@ -105,3 +106,24 @@ def fill_prediction(msg: Any, result: ScoreResult, request_id: str, from_cache: 
 
 def rows_to_matrix(rows: list[list[float]]) -> np.ndarray:
     return np.asarray(rows, dtype=np.float32).reshape(len(rows), len(COLUMNS))
+
+
+def explain_top_k(options: scoring_pb2.ExplainOptions, n_features: int, path: str = "explain") -> int | None:
+    """How many contributions the caller wants (``None``: no explanation); 0 means
+    :data:`~server.explain.DEFAULT_TOP_K`. More than the model's features is INVALID_ARGUMENT."""
+    if not options.enabled:
+        return None
+    if options.top_k > n_features:
+        raise InvalidArgument(f"{path}.top_k is over the model's {n_features} features", [
+            Violation(f"{path}.top_k", f"ask for 1 to {n_features} contributions (0 means {DEFAULT_TOP_K})")])
+    return options.top_k or min(DEFAULT_TOP_K, n_features)
+
+
+def fill_explanation(msg: scoring_pb2.Explanation, explanation: Explanation) -> None:
+    """Fill an Explanation message with the contributions held (slice with ``Explanation.top`` first)."""
+    msg.base_value = explanation.base_value
+    for c in explanation.contributions:
+        item = msg.contributions.add(feature=c.feature, shap_value=c.shap_value, direction=(
+            scoring_pb2.DIRECTION_INCREASES_RISK if c.increases_risk else scoring_pb2.DIRECTION_DECREASES_RISK))
+        if c.value is not None:
+            item.value = c.value

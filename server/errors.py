@@ -95,6 +95,12 @@ class Unavailable(CredScopeError):
     reason = "NOT_READY"
 
 
+class BackendUnavailable(Unavailable):
+    """A backend the call needs (e.g. the Redis cache for ClearCache) did not answer."""
+
+    reason = "BACKEND_UNAVAILABLE"
+
+
 class RateLimited(CredScopeError):
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
     reason = "RATE_LIMITED"

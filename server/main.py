@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
+import os
 import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from server.app import CredScopeServer
 from server.model import ModelNotFoundError
 from server.settings import Settings
 from server.workers import run_workers
@@ -28,6 +29,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--model-dir", type=Path, help="model store folder (default ./models)")
     p.add_argument("--model-version", help="model version to serve (default: the store's ACTIVE one)")
     p.add_argument("--log-level", help="DEBUG, INFO, WARNING or ERROR (default INFO)")
+    p.add_argument("--metrics-dir", type=Path,
+                   help="prometheus multiprocess directory that credscope-telemetry serves (default: none)")
     p.add_argument("--workers", type=int, help="worker processes sharing the port (default: the host's cores; "
                    "1 serves in this process)")
     args = p.parse_args(argv)
@@ -48,26 +51,54 @@ def build_settings(args: argparse.Namespace) -> Settings:
         settings.model.version = args.model_version
     if args.log_level:
         settings.log_level = args.log_level.upper()
+    if args.metrics_dir:
+        settings.telemetry.metrics_dir = args.metrics_dir
     if args.workers is not None:
         settings.server.workers = args.workers
     return settings
 
 
+def prepare_metrics_dir(settings: Settings) -> None:
+    """Point prometheus-client's multiprocess mode at ``telemetry.metrics_dir``. It must run before
+    prometheus-client is first imported (server.app imports it), which picks its value class then."""
+    metrics_dir = settings.telemetry.metrics_dir
+    if metrics_dir is None:
+        return
+    if "prometheus_client" in sys.modules:
+        log.warning("prometheus_client was imported before the metrics directory was set; "
+                    "this worker's metrics will not reach %s", metrics_dir)
+    metrics_dir.mkdir(parents=True, exist_ok=True)
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir.resolve())
+
+
 async def serve(settings: Settings, on_ready: Callable[[int, str], None] | None = None) -> None:
-    server = CredScopeServer(settings)
-    stopping = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stopping.set)
-    await server.start()
-    if on_ready is not None:  # a worker process: the parent prints the listening line once
-        on_ready(server.port, server.runtime.scorer.version)
-    else:
-        print(f"CredScope listening on {settings.server.host}:{server.port} "
-              f"(model {server.runtime.scorer.version}); Ctrl-C or SIGTERM stops it", flush=True)
-    await stopping.wait()
-    log.info("shutting down: finishing calls in flight (grace %.1fs)", settings.server.grace_seconds)
-    await server.stop()
+    from server import metrics, tracing
+    from server.app import CredScopeServer
+
+    tracing.setup(settings)
+    sampler = asyncio.create_task(metrics.ProcessSampler().run(settings.telemetry.process_sample_seconds))
+    try:
+        server = CredScopeServer(settings)
+        stopping = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stopping.set)
+        await server.start()
+        if on_ready is not None:  # a worker process: the parent prints the listening line once
+            on_ready(server.port, server.runtime.scorer.version)
+        else:
+            print(f"CredScope listening on {settings.server.host}:{server.port} "
+                  f"(model {server.runtime.scorer.version}); Ctrl-C or SIGTERM stops it", flush=True)
+        await stopping.wait()
+        log.info("shutting down: finishing calls in flight (grace %.1fs)", settings.server.grace_seconds)
+        await server.stop()
+    finally:
+        sampler.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await sampler
+        await asyncio.to_thread(tracing.shutdown)  # flushes the spans still waiting
+        if settings.telemetry.metrics_dir is not None:
+            metrics.mark_dead(settings.telemetry.metrics_dir)
     log.info("stopped")
 
 
@@ -88,6 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     settings = build_settings(args)
     logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    prepare_metrics_dir(settings)  # before the workers fork: each inherits PROMETHEUS_MULTIPROC_DIR
     if settings.server.workers > 1:
         try:
             return run_workers(settings, run)

@@ -118,6 +118,8 @@ class ModelArtifact:
     batch_session: ort.InferenceSession | None = field(default=None, repr=False)
     """A session with more intra-op threads for matrices of ``batch_rows`` rows or more (None: ``session``)."""
     batch_rows: int = 128
+    onnx_bytes: bytes | None = field(default=None, repr=False)
+    """The verified bytes of ``model.onnx`` (what the version hashes), e.g. to read its trees for explanations."""
 
     @property
     def features(self) -> tuple[str, ...]:
@@ -128,6 +130,14 @@ class ModelArtifact:
     def onnx_path(self) -> Path:
         """The ONNX file of this version."""
         return self.path / ONNX_FILE
+
+    def onnx_model(self) -> Any:
+        """The ONNX graph as an ``onnx.ModelProto``, parsed from the verified bytes this artifact was loaded from."""
+        import onnx
+
+        if self.onnx_bytes is None:
+            raise ModelError(f"model {self.version} was loaded without its ONNX bytes")
+        return onnx.load_from_string(self.onnx_bytes)
 
     @property
     def decision_policy(self) -> dict[str, Any]:
@@ -260,6 +270,7 @@ def load_model(model_dir: Path, version: str | None = None, *, intra_op_threads:
         proba_column=int(onnx_meta.get("probability_column", 1)),
         features_output=features_output if features_output in outputs else None,
         batch_session=batch_session,
+        onnx_bytes=onnx_bytes,
     )
 
 

@@ -17,6 +17,7 @@ import math
 
 import numpy as np
 
+from server import metrics
 from server.errors import FailedPrecondition, NotFound, Unavailable
 from server.model import ModelError, ModelNotFoundError, active_version, load_model, set_active
 from server.schema import COLUMNS
@@ -50,13 +51,17 @@ class Runtime:
                            intra_op_threads=self.settings.model.intra_op_threads,
                            batch_intra_op_threads=self.settings.model.batch_intra_op_threads)
         scorer = Scorer(model)
-        scorer.score(np.full((1, len(COLUMNS)), math.nan, dtype=np.float32))  # warm the session up
+        model.predict_proba(np.full((1, len(COLUMNS)), math.nan, dtype=np.float32))  # warm up (not a prediction)
         return scorer
+
+    def _serve(self, scorer: Scorer) -> None:
+        self._scorer = scorer
+        metrics.model_loaded(scorer.version)
 
     def load(self, version: str | None = None) -> Scorer:
         """Load a model version (the configured or ACTIVE one by default) and serve it."""
-        self._scorer = self._load(version or self.settings.model.version)
-        return self._scorer
+        self._serve(self._load(version or self.settings.model.version))
+        return self.scorer
 
     async def activate(self, version: str) -> tuple[str, str]:
         """Serve ``version`` from the store and make it the store's ACTIVE one; return (previous, new)."""
@@ -69,7 +74,7 @@ class Runtime:
             except ModelError as e:
                 raise FailedPrecondition(f"model version {version!r} cannot be served: {e}") from e
             set_active(self.settings.model.model_dir, version)
-            self._scorer = scorer
+            self._serve(scorer)
         if previous != version:
             log.info("model switched from %s to %s", previous or "-", version)
         return previous, version
@@ -87,7 +92,7 @@ class Runtime:
                 if wanted and wanted != current and not self._switch.locked():
                     async with self._switch:
                         scorer = await asyncio.to_thread(self._load, wanted)
-                        self._scorer = scorer
+                        self._serve(scorer)
                     log.info("model switched from %s to %s (store ACTIVE changed)", current, wanted)
             except asyncio.CancelledError:
                 raise

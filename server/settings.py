@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field
+from pydantic import AliasChoices, BaseModel, Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from server.workers import default_workers
@@ -40,6 +40,8 @@ class ModelSettings(BaseModel):
     intra_op_threads: int = Field(1, ge=0, description="onnxruntime intra-op threads (0 = onnxruntime's choice).")
     batch_intra_op_threads: int = Field(2, ge=0, description="onnxruntime intra-op threads for matrices of 128+ "
                                         "rows (BatchScore): a second session; equal to intra_op_threads = none.")
+    explain_threads: int = Field(1, ge=1, le=64, description="Threads per worker computing SHAP explanations, "
+                                 "off the event loop (the TreeSHAP kernel releases the GIL).")
     watch_seconds: float = Field(2.0, ge=0, description="How often workers check the store's ACTIVE file and "
                                  "switch to the version it names (0 = never).")
 
@@ -51,6 +53,10 @@ class AuthSettings(BaseModel):
     key_store_url: str = Field("sqlite:///credscope.db",
                                description="Key store: sqlite:///path or postgresql://user@host/db.")
     key_cache_seconds: float = Field(5.0, ge=0, description="How long a worker trusts a looked-up key.")
+    key_stale_seconds: float = Field(60.0, ge=0, description="While the key store is down, how long a worker "
+                                     "keeps accepting keys it looked up before; past it, UNAVAILABLE.")
+    usage_flush_seconds: float = Field(10.0, gt=0, description="How often a worker adds its per-key call counts "
+                                       "to the key store (for AdminService.GetApiKeyStats).")
 
 
 class RateLimitSettings(BaseModel):
@@ -60,20 +66,32 @@ class RateLimitSettings(BaseModel):
     free_per_hour: int = Field(100, ge=1, description="Calls an hour for the free tier.")
     pro_per_hour: int = Field(1000, ge=1, description="Calls an hour for the pro tier.")
     enterprise_per_hour: int = Field(10000, ge=1, description="Calls an hour for the enterprise tier.")
-    redis_url: str | None = Field(None, description="Redis for shared buckets; in-process when unset.")
+    redis_url: str | None = Field(None, description="Redis for buckets shared by replicas; host-local when unset.")
+    batch_cost_per_applicant: int = Field(1, ge=0, description="Tokens a BatchScore call costs per applicant "
+                                          "(at least 1 a call); every other call costs 1.")
+    key_prefix: str = Field("credscope:ratelimit:", description="Prefix of the Redis bucket keys.")
+    redis_timeout_seconds: float = Field(0.1, gt=0, description="Redis call timeout; past it the call is "
+                                         "limited with the host-local buckets.")
+    redis_retry_seconds: float = Field(1.0, gt=0, description="While Redis is down, how often to try it again.")
+    local_path: Path = Field(Path("credscope-ratelimit.buckets"), description="Host-local bucket table, "
+                             "shared by the worker processes of one host (memory-mapped file).")
+    local_slots: int = Field(65536, ge=64, description="Buckets the host-local table holds (40 bytes each).")
 
 
 class CacheSettings(BaseModel):
-    """Prediction and explanation caches."""
+    """Prediction and explanation caches (see ``server/backends/cache.py`` and ``server/cached_scoring.py``)."""
 
     enabled: bool = Field(True, description="Use the caches.")
-    redis_url: str | None = Field(None, description="Redis URL; the embedded LRU when unset.")
+    redis_url: str | None = Field(None, description="Redis URL (redis://, rediss://, unix://; memory:// = "
+                                  "embedded); the embedded LRU when unset. CREDSCOPE_REDIS_URL also sets it.")
     key_prefix: str = Field("credscope:", description="Prefix of every Redis key.")
     prediction_max_items: int = Field(10_000, ge=1, description="Prediction cache size (embedded).")
     prediction_ttl_seconds: float = Field(1800, gt=0, description="Prediction cache TTL.")
     explanation_max_items: int = Field(5_000, ge=1, description="Explanation cache size (embedded).")
     explanation_ttl_seconds: float = Field(7200, gt=0, description="Explanation cache TTL.")
     timeout_seconds: float = Field(0.05, gt=0, description="Redis call timeout; past it the call goes uncached.")
+    retry_seconds: float = Field(1.0, gt=0, description="After a Redis failure, calls skip Redis (uncached) "
+                                 "this long before one call tries it again.")
 
 
 class AuditSettings(BaseModel):
@@ -105,8 +123,25 @@ class TelemetrySettings(BaseModel):
     """Metrics and traces."""
 
     metrics_dir: Path | None = Field(None, description="prometheus-client multiprocess directory; off when unset.")
-    otlp_endpoint: str | None = Field(None, description="OTLP/gRPC endpoint for traces; off when unset.")
+    otlp_endpoint: str | None = Field(None, description="OTLP/gRPC endpoint for traces (e.g. http://127.0.0.1:4317); "
+                                      "when unset, the standard OTEL_EXPORTER_OTLP_ENDPOINT; off when neither is set.")
     service_name: str = Field("credscope", description="OpenTelemetry service.name.")
+    process_sample_seconds: float = Field(5.0, gt=0, description="How often a worker records its memory and CPU.")
+    http_host: str = Field("127.0.0.1", description="Sidecar (credscope-telemetry): address of /metrics and /healthz.")
+    http_port: int = Field(9464, ge=0, le=65535, description="Sidecar: HTTP port; 0 picks a free one.")
+    drift_interval_seconds: float = Field(300.0, gt=0, description="Sidecar: how often drift is computed.")
+    drift_window_rows: int = Field(5000, ge=1, description="Sidecar: drift compares at most this many of the most "
+                                   "recent audited inputs with the model's reference profile.")
+    drift_window_hours: float = Field(24.0, gt=0, description="Sidecar: ... and only inputs from this many hours back.")
+    drift_min_rows: int = Field(200, ge=1, description="Sidecar: fewer recent inputs than this give no drift figures.")
+    performance_interval_seconds: float = Field(600.0, gt=0,
+                                                description="Sidecar: how often model performance is computed.")
+    performance_bucket_hours: float = Field(24.0, gt=0, description="Sidecar: width of a performance time bucket.")
+    performance_window_days: float = Field(30.0, gt=0, description="Sidecar: how far back performance goes; the "
+                                           "gauges show the whole window, model_performance gets one row per bucket.")
+    performance_min_outcomes: int = Field(50, ge=1, description="Sidecar: fewer outcomes than this in a bucket or "
+                                          "window give no performance figures for it.")
+    report_dir: Path = Field(Path("reports"), description="Sidecar: where drift and performance reports are written.")
 
 
 class Settings(BaseSettings):
@@ -123,3 +158,16 @@ class Settings(BaseSettings):
     telemetry: TelemetrySettings = TelemetrySettings()
     portfolio: PortfolioSettings = PortfolioSettings()
     log_level: str = Field("INFO", description="Logging level.")
+    otel_exporter_otlp_endpoint: str | None = Field(
+        None, validation_alias=AliasChoices("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_EXPORTER_OTLP_ENDPOINT"),
+        description="The standard OpenTelemetry variable (no CREDSCOPE_ prefix): traces go over OTLP/gRPC to it "
+                    "when telemetry.otlp_endpoint is unset.")
+    redis_url: str | None = Field(None, validation_alias=AliasChoices("CREDSCOPE_REDIS_URL"),
+                                  description="CREDSCOPE_REDIS_URL: the cache's Redis when "
+                                  "CREDSCOPE_CACHE__REDIS_URL is unset (that one wins).")
+
+    @model_validator(mode="after")
+    def _redis_url_alias(self) -> Settings:
+        if self.redis_url and not self.cache.redis_url:
+            self.cache.redis_url = self.redis_url
+        return self

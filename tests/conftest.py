@@ -17,7 +17,7 @@ from urllib.parse import urlparse
 
 import pytest
 
-from tests.helpers import ServerProcess, start_server
+from tests.helpers import ServerProcess, make_api_key, start_server
 
 REDIS_URL = os.environ.get("CREDSCOPE_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 POSTGRES_ADMIN_DSN = os.environ.get("CREDSCOPE_TEST_POSTGRES_DSN", "postgresql://postgres@127.0.0.1:5432/postgres")
@@ -41,13 +41,18 @@ def _tcp_reachable(url: str, default_port: int) -> str | None:
 
 
 @pytest.fixture(scope="session")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A small model (synthetic data, fixed seed) in a fresh model store, built once per run."""
+def trained_model(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    """The training run behind ``model_dir`` (``tools.train.TrainResult``, with the fitted pipeline)."""
     from tools.train import train
 
     out = tmp_path_factory.mktemp("models")
-    train(model_dir=out, rows=20_000, seed=7, n_estimators=80, quiet=True)
-    return out
+    return train(model_dir=out, rows=20_000, seed=7, n_estimators=80, quiet=True)
+
+
+@pytest.fixture(scope="session")
+def model_dir(trained_model) -> Path:  # type: ignore[no-untyped-def]
+    """A small model (synthetic data, fixed seed) in a fresh model store, built once per run."""
+    return trained_model.model_dir
 
 
 @pytest.fixture(scope="session")
@@ -61,9 +66,16 @@ def model(model_dir: Path):  # type: ignore[no-untyped-def]
 def server(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     """A credscope-server process on loopback with embedded defaults, shared by the session's tests."""
     work = tmp_path_factory.mktemp("server")
-    sp = start_server(model_dir, cwd=work, env={"CREDSCOPE_AUTH__ALLOW_ANONYMOUS": "true"})
+    sp = start_server(model_dir, cwd=work, env={"CREDSCOPE_AUTH__ALLOW_ANONYMOUS": "true",
+                                                "CREDSCOPE_RATE_LIMIT__FREE_PER_HOUR": "10000000"})
     yield sp
     sp.stop()
+
+
+@pytest.fixture(scope="session")
+def admin_key(server: ServerProcess) -> str:
+    """An API key with the admin flag (enterprise tier) for the session server."""
+    return make_api_key(server.cwd)
 
 
 @pytest.fixture()

@@ -22,6 +22,7 @@ class ServerProcess:
     proc: subprocess.Popen[str]
     port: int
     output: list[str] = field(default_factory=list)
+    cwd: Path = ROOT
 
     @property
     def target(self) -> str:
@@ -51,7 +52,7 @@ def start_server(model_dir: Path, *, env: Mapping[str, str] | None = None, args:
            "--model-dir", str(model_dir), *(args or [])]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=full_env,
                             cwd=str(cwd or ROOT))
-    sp = ServerProcess(proc, 0)
+    sp = ServerProcess(proc, 0, cwd=cwd or ROOT)
     found = threading.Event()
 
     def pump() -> None:
@@ -73,3 +74,22 @@ def start_server(model_dir: Path, *, env: Mapping[str, str] | None = None, args:
     if sp.port == 0:
         raise RuntimeError(f"server exited with {proc.wait()}:\n{sp.log()}")
     return sp
+
+
+def make_api_key(cwd: Path, *, tier: str = "enterprise", admin: bool = True, name: str = "test-admin") -> str:
+    """A new API key in the default key store of a server started in ``cwd`` (``sqlite:///<cwd>/credscope.db``)."""
+    import asyncio
+
+    from server.auth import keys
+    from server.auth.store import open_key_store
+
+    async def make() -> str:
+        store = await open_key_store(f"sqlite:///{cwd / 'credscope.db'}")
+        try:
+            record, api_key = keys.generate(name, tier, admin)  # type: ignore[arg-type]
+            await store.create(record)
+        finally:
+            await store.close()
+        return api_key
+
+    return asyncio.run(make())

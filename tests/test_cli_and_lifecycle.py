@@ -84,7 +84,8 @@ def test_missing_model_is_a_clear_error(tmp_path: Path) -> None:
 
 
 def test_sigterm_finishes_calls_in_flight(model_dir: Path, tmp_path: Path) -> None:
-    sp = start_server(model_dir, cwd=tmp_path)
+    sp = start_server(model_dir, cwd=tmp_path, env={"CREDSCOPE_AUTH__ALLOW_ANONYMOUS": "true",
+                                                    "CREDSCOPE_RATE_LIMIT__FREE_PER_HOUR": "10000000"})
     errors: list[BaseException] = []
     done = [0]
     stop = threading.Event()

@@ -5,7 +5,6 @@ One small model (20k synthetic rows) is trained once per module in a temporary m
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -231,13 +230,8 @@ def test_metadata(trained: TrainResult) -> None:
     assert meta["policy"] == json.loads(json.dumps(DECISION_POLICY))
     assert meta["training"]["source"] == "synthetic" and meta["training"]["rows"] == ROWS
     assert meta["training"]["packages"]["lightgbm"]
-    booster = trained.onnx_path.parent / meta["lightgbm"]["file"]
-    assert hashlib.sha256(booster.read_bytes()).hexdigest() == meta["lightgbm"]["sha256"]
-    import lightgbm
-
-    x = hard_rows(2_000, seed=51)
-    stored = lightgbm.Booster(model_file=str(booster)).predict(engineer_features(x))
-    np.testing.assert_allclose(stored, trained.pipeline.predict_proba(x)[:, 1], rtol=0, atol=1e-12)
+    # one model file: the trees are explained from model.onnx (covers in its metadata_props)
+    assert sorted(p.name for p in trained.onnx_path.parent.iterdir()) == ["metadata.json", "model.onnx"]
     reference = meta["reference"]
     assert set(reference["features"]) == set(MODEL_FEATURES)
     for name, entry in reference["features"].items():

@@ -15,7 +15,7 @@ from client import CredScopeClient, CredScopeRpcError
 from credscope.v1 import admin_pb2
 from server.convert import applicant_to_row, rows_to_matrix
 from server.model import active_version, load_model
-from tests.helpers import start_server
+from tests.helpers import make_api_key, start_server
 from tests.test_api import GOOD, applicant
 
 
@@ -35,7 +35,8 @@ def two_version_store(model_dir: Path, tmp_path_factory: pytest.TempPathFactory)
 
 
 def admin_env() -> dict[str, str]:
-    return {"CREDSCOPE_AUTH__ALLOW_ANONYMOUS": "true", "CREDSCOPE_MODEL__WATCH_SECONDS": "0.2"}
+    return {"CREDSCOPE_AUTH__ALLOW_ANONYMOUS": "true", "CREDSCOPE_MODEL__WATCH_SECONDS": "0.2",
+            "CREDSCOPE_RATE_LIMIT__FREE_PER_HOUR": "10000000"}
 
 
 def test_activate_under_load_never_fails_or_mixes(two_version_store, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
@@ -66,7 +67,7 @@ def test_activate_under_load_never_fails_or_mixes(two_version_store, tmp_path: P
         for t in threads:
             t.start()
         time.sleep(0.5)
-        with CredScopeClient(sp.target, timeout=30) as admin:
+        with CredScopeClient(sp.target, api_key=make_api_key(tmp_path), timeout=30) as admin:
             resp = admin.admin_call("ActivateModel", admin_pb2.ActivateModelRequest(version=second))
             switched = time.monotonic()
             assert (resp.previous_version, resp.active_version) == (first, second)
@@ -105,8 +106,8 @@ def test_workers_follow_the_active_file(two_version_store, tmp_path: Path) -> No
         sp.stop()
 
 
-def test_activate_unknown_version(server) -> None:  # type: ignore[no-untyped-def]
-    with CredScopeClient(server.target, timeout=10) as c:
+def test_activate_unknown_version(server, admin_key: str) -> None:  # type: ignore[no-untyped-def]
+    with CredScopeClient(server.target, api_key=admin_key, timeout=10) as c:
         for version, code in (("0123456789abcdef", grpc.StatusCode.NOT_FOUND),
                               ("", grpc.StatusCode.INVALID_ARGUMENT)):
             with pytest.raises(CredScopeRpcError) as e:

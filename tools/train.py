@@ -18,7 +18,6 @@ The model store written by :func:`train`::
 
     <model-dir>/<version>/model.onnx      version = sha256(model.onnx)[:16]
     <model-dir>/<version>/metadata.json
-    <model-dir>/<version>/lightgbm.txt    the same trees as LightGBM text (float64 leaves; for TreeSHAP)
     <model-dir>/ACTIVE                    the active version (replaced atomically)
 
 Command line: ``credscope-train`` / ``python -m tools.train --help``.
@@ -58,6 +57,7 @@ from server.schema import (
     ENGINEERED,
     MODEL_FEATURES,
 )
+from tools.covers import add_tree_covers
 
 __all__ = [
     "DECISION_POLICY",
@@ -84,7 +84,6 @@ PROBA_OUTPUT = "probabilities"
 LABEL_OUTPUT = "label"
 FEATURES_OUTPUT = "features"
 PROBA_COLUMN = 1
-BOOSTER_FILE = "lightgbm.txt"
 #: Opsets that convert and run (onnxmltools' LightGBM converter refuses main opset 17).
 TARGET_OPSET: dict[str, int] = {"": 15, "ai.onnx.ml": 3}
 HOLDOUT_FRACTION = 0.2
@@ -342,7 +341,8 @@ def register_converters() -> None:
 def export_onnx(pipeline: Pipeline) -> bytes:
     """Convert the fitted pipeline to ONNX bytes (deterministic for the same fitted pipeline).
 
-    The graph gets a third output, ``features``: the matrix the trees see.
+    The graph gets a third output, ``features``: the matrix the trees see, and the trees' node covers
+    (for TreeSHAP explanations) in ``metadata_props`` (:func:`tools.covers.add_tree_covers`).
     """
     import onnx
     from skl2onnx import to_onnx
@@ -363,6 +363,8 @@ def export_onnx(pipeline: Pipeline) -> bytes:
     if outputs != [LABEL_OUTPUT, PROBA_OUTPUT, FEATURES_OUTPUT]:
         raise RuntimeError(f"unexpected ONNX outputs {outputs}")
     model.doc_string = "CredScope credit-risk model: raw applicant matrix -> P(default) in probabilities[:, 1]"
+    # node covers for TreeSHAP, in the same file (see server.explain / tools.covers)
+    add_tree_covers(model, pipeline.named_steps["lgbm"].booster_)
     onnx.checker.check_model(model)
     return model.SerializeToString(deterministic=True)
 
@@ -615,7 +617,6 @@ def train(data: Path | None = None, *, rows: int = 100_000, seed: int = 42, mode
     stage("evaluate", f"holdout ROC-AUC {metrics['roc_auc']:.4f}, log-loss {metrics['log_loss']:.4f}, "
                       f"Brier {metrics['brier']:.4f}, ONNX vs sklearn max diff {max_diff:.1e}")
 
-    booster_text = pipeline.named_steps["lgbm"].booster_.model_to_string().encode()
     reference = reference_profile(engineer_features(x_train), x_train, seed)
     metadata: dict[str, Any] = {
         "format_version": FORMAT_VERSION,
@@ -632,11 +633,9 @@ def train(data: Path | None = None, *, rows: int = 100_000, seed: int = 42, mode
             "features_output_name": FEATURES_OUTPUT,
             "opset": dict(TARGET_OPSET),
         },
-        "lightgbm": {
-            "file": BOOSTER_FILE,
-            "sha256": hashlib.sha256(booster_text).hexdigest(),
-            "note": "the same trees as the ONNX graph (thresholds rounded down to float32), float64 leaf "
-                    "values; tree feature i is features[i]",
+        "explanations": {
+            "method": "TreeSHAP (path-dependent) over the trees of model.onnx",
+            "covers": "node covers in model.onnx metadata_props 'credscope.tree_covers' (see server.explain)",
         },
         "columns": [{"name": c.name, "field": c.field, "kind": c.kind, "categories": list(c.categories),
                      "required": c.required} for c in COLUMNS],
@@ -661,7 +660,6 @@ def train(data: Path | None = None, *, rows: int = 100_000, seed: int = 42, mode
     onnx_path = version_dir / "model.onnx"
     metadata_path = version_dir / "metadata.json"
     _write_atomic(onnx_path, onnx_bytes)
-    _write_atomic(version_dir / BOOSTER_FILE, booster_text)
     metadata["training"]["duration_seconds"] = round(time.perf_counter() - started, 2)
     _write_atomic(metadata_path, _metadata_json(metadata).encode())
     if activate:

@@ -2,14 +2,28 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextvars
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import grpc
+import numpy as np
 
 from credscope.v1 import scoring_pb2, scoring_pb2_grpc
 from server import context as rc
-from server.convert import applicant_to_row, fill_prediction, rows_to_matrix, timestamp
-from server.errors import InvalidArgument, Unimplemented, Violation
+from server import metrics, tracing
+from server.cached_scoring import Caches, explain_rows, score_rows
+from server.convert import (
+    applicant_to_row,
+    explain_top_k,
+    fill_explanation,
+    fill_prediction,
+    rows_to_matrix,
+    timestamp,
+)
+from server.errors import FailedPrecondition, InvalidArgument, Unimplemented, Violation
+from server.explain import ExplainError, Explanation
 from server.interceptors.request_id import REQUEST_ID_HELP, valid_request_id
 from server.model import list_versions, read_metadata
 from server.portfolio_convert import (
@@ -19,6 +33,7 @@ from server.portfolio_convert import (
     portfolio_of,
 )
 from server.runtime import Runtime
+from server.scoring import Scorer
 from server.settings import Settings
 
 
@@ -37,9 +52,25 @@ def _request_id(given: str, field: str = "request_id") -> str:
 
 
 class ScoringService(scoring_pb2_grpc.ScoringServiceServicer):
-    def __init__(self, runtime: Runtime, settings: Settings) -> None:
+    def __init__(self, runtime: Runtime, settings: Settings, caches: Caches | None = None) -> None:
         self.runtime = runtime
         self.settings = settings
+        self.caches = caches
+        self._explain_pool = ThreadPoolExecutor(settings.model.explain_threads, thread_name_prefix="explain")
+
+    async def _compute_explanations(self, scorer: Scorer, matrix: np.ndarray) -> list[Explanation]:
+        """SHAP explanations computed in the explain thread pool, so the event loop keeps serving."""
+        call = contextvars.copy_context().run
+        try:
+            with tracing.span("credscope.explain", model_version=scorer.version, batch_size=len(matrix)):
+                return await asyncio.get_running_loop().run_in_executor(self._explain_pool, call, scorer.explain,
+                                                                        matrix)
+        except ExplainError as exc:
+            raise FailedPrecondition(f"model {scorer.version} cannot be explained: {exc}") from exc
+
+    async def _explain(self, scorer: Scorer, matrix: np.ndarray) -> list[Explanation]:
+        """Explanations through the explanation cache (computed for the misses only)."""
+        return await explain_rows(scorer, matrix, self.caches, self._compute_explanations)
 
     async def Score(self, request: scoring_pb2.ScoreRequest, context: grpc.aio.ServicerContext
                     ) -> scoring_pb2.ScoreResponse:
@@ -51,9 +82,15 @@ class ScoringService(scoring_pb2_grpc.ScoringServiceServicer):
         if violations:
             raise InvalidArgument(f"applicant has {len(violations)} invalid field(s)", violations)
         scorer = self.runtime.scorer
-        result = scorer.score(rows_to_matrix([row]))[0]
+        top_k = explain_top_k(request.explain, len(scorer.model.features))
+        matrix = rows_to_matrix([row])
+        [(result, from_cache)] = await score_rows(scorer, matrix, self.caches)
         response = scoring_pb2.ScoreResponse()
-        fill_prediction(response, result, request_id, from_cache=False)
+        fill_prediction(response, result, request_id, from_cache=from_cache)
+        tracing.set_attributes(model_version=result.model_version, decision=result.decision, from_cache=from_cache)
+        if top_k is not None:
+            explanation = (await self._explain(scorer, matrix))[0].top(top_k)
+            fill_explanation(response.explanation, explanation)
         response.timestamp.CopyFrom(timestamp(time.time()))
         response.processing_time_ms = (time.perf_counter() - started) * 1000.0
         return response
@@ -73,6 +110,7 @@ class ScoringService(scoring_pb2_grpc.ScoringServiceServicer):
             request.loan_parameters, default_loan_parameters(self.settings.portfolio))
         if loan_violations:
             raise InvalidArgument(f"loan_parameters has {len(loan_violations)} invalid field(s)", loan_violations)
+        top_k = explain_top_k(request.explain, len(self.runtime.scorer.model.features))
         response = scoring_pb2.BatchScoreResponse(request_id=request_id)
         rows, positions = [], []
         for i, applicant in enumerate(request.applicants):
@@ -89,9 +127,17 @@ class ScoringService(scoring_pb2_grpc.ScoringServiceServicer):
                 positions.append(i)
         scorer = self.runtime.scorer
         response.model_version = scorer.version
-        scored = scorer.score(rows_to_matrix(rows)) if rows else []
-        for i, res in zip(positions, scored, strict=True):
-            fill_prediction(response.results[i].prediction, res, f"{request_id}/{i}", from_cache=False)
+        metrics.prediction_error("invalid_argument", n - len(rows))
+        matrix = rows_to_matrix(rows)
+        pairs = await score_rows(scorer, matrix, self.caches) if rows else []
+        scored = [res for res, _ in pairs]
+        tracing.set_attributes(model_version=scorer.version, batch_size=n,
+                               from_cache=bool(pairs) and all(hit for _, hit in pairs))
+        for i, (res, from_cache) in zip(positions, pairs, strict=True):
+            fill_prediction(response.results[i].prediction, res, f"{request_id}/{i}", from_cache=from_cache)
+        if top_k is not None and rows:
+            for i, explanation in zip(positions, await self._explain(scorer, matrix), strict=True):
+                fill_explanation(response.results[i].prediction.explanation, explanation.top(top_k))
         fill_portfolio(response.portfolio, portfolio_of(scored, loan))
         response.timestamp.CopyFrom(timestamp(time.time()))
         response.processing_time_ms = (time.perf_counter() - started) * 1000.0

@@ -1,0 +1,1 @@
+"""Backends behind small protocols, each with an embedded and a networked implementation."""
