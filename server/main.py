@@ -115,6 +115,20 @@ def run(settings: Settings, on_ready: Callable[[int, str], None] | None = None) 
     return 0
 
 
+def _forget_worker(settings: Settings) -> Callable[[int], None] | None:
+    """Drop a stopped worker's live gauges from the metrics directory (a SIGKILLed one cannot itself)."""
+    metrics_dir = settings.telemetry.metrics_dir
+    if metrics_dir is None:
+        return None
+
+    def forget(pid: int) -> None:
+        from server import metrics
+
+        metrics.mark_dead(metrics_dir, pid)
+
+    return forget
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     settings = build_settings(args)
@@ -122,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     prepare_metrics_dir(settings)  # before the workers fork: each inherits PROMETHEUS_MULTIPROC_DIR
     if settings.server.workers > 1:
         try:
-            return run_workers(settings, run)
+            return run_workers(settings, run, on_exit=_forget_worker(settings))
         except OSError as e:
             print(f"credscope-server: {e}", file=sys.stderr)
             return 1

@@ -14,6 +14,8 @@ channel or server). It
 * prints the one ``CredScope listening on HOST:PORT`` line once every worker serves;
 * forwards SIGTERM and SIGINT to the workers, which drain (NOT_SERVING + UNAVAILABLE for the drain
   period, then the grace period for calls in flight), and waits for them;
+* has every worker ask Linux for a SIGTERM if the parent dies (``PR_SET_PDEATHSIG``), so that a
+  SIGKILLed parent leaves no orphan serving on the port;
 * restarts nothing. A worker that dies while the server runs is logged with its exit code; the parent
   then stops the other workers (gracefully) and exits with status 3, so the process supervisor
   (systemd, Kubernetes, docker's restart policy) sees the failure and restarts the whole server. A
@@ -85,11 +87,26 @@ def reserve_port(host: str, port: int) -> socket.socket:
     return sock
 
 
-def _worker(index: int, settings: Settings, run: RunWorker, conn: Connection, reserved_fd: int) -> None:
+def _die_with_parent(parent: int) -> None:
+    """Ask Linux for a SIGTERM when the parent dies (PR_SET_PDEATHSIG): workers of a parent that was
+    SIGKILLed drain and stop instead of serving on, orphaned, on the port."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux: orphans are the supervisor's to reap
+        return
+    if os.getppid() != parent:  # the parent died before the request took effect
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def _worker(index: int, settings: Settings, run: RunWorker, conn: Connection, reserved_fd: int,
+            parent: int) -> None:
     """Body of a worker process (forked)."""
     os.close(reserved_fd)  # the parent's port reservation: the worker's own listening socket takes over
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.default_int_handler)
+    _die_with_parent(parent)
     for handler in logging.getLogger().handlers:
         fmt = handler.formatter._fmt if handler.formatter else "%(levelname)s %(name)s %(message)s"  # noqa: SLF001
         handler.setFormatter(logging.Formatter((fmt or "%(message)s").replace(
@@ -109,9 +126,10 @@ def _worker(index: int, settings: Settings, run: RunWorker, conn: Connection, re
 
 
 class _Supervisor:
-    def __init__(self, settings: Settings, run: RunWorker) -> None:
+    def __init__(self, settings: Settings, run: RunWorker, on_exit: Callable[[int], None] | None = None) -> None:
         self.settings = settings
         self.run = run
+        self.on_exit = on_exit
         self.n = settings.server.workers
         self.procs: list[Any] = []
         self.stopping = False
@@ -146,6 +164,13 @@ class _Supervisor:
                 log.error("worker pid %d did not stop in time; killing it", p.pid)
                 p.kill()
                 p.join(5)
+        if self.on_exit is not None:
+            for p in self.procs:
+                if p.exitcode is not None:
+                    try:
+                        self.on_exit(p.pid)
+                    except Exception:  # noqa: BLE001 - clean-up of a dead worker must not fail the stop
+                        log.exception("clean-up after worker pid %d failed", p.pid)
 
     def _clean(self, p: Any) -> bool:
         return p.exitcode == 0 or (self.stopping and p.exitcode in (-signal.SIGTERM, -signal.SIGINT))
@@ -160,7 +185,8 @@ class _Supervisor:
             ready_conns: dict[Connection, int] = {}
             for i in range(self.n):
                 parent_end, child_end = ctx.Pipe(duplex=False)
-                p = ctx.Process(target=_worker, args=(i, self.settings, self.run, child_end, reserved.fileno()),
+                p = ctx.Process(target=_worker, args=(i, self.settings, self.run, child_end, reserved.fileno(),
+                                                      os.getpid()),
                                 name=f"credscope-worker-{i}")
                 p.start()
                 child_end.close()
@@ -227,6 +253,8 @@ class _Supervisor:
         return 1 if unclean else 0
 
 
-def run_workers(settings: Settings, run: RunWorker) -> int:
-    """Run ``settings.server.workers`` worker processes on one port until SIGTERM/SIGINT; the exit status."""
-    return _Supervisor(settings, run).serve()
+def run_workers(settings: Settings, run: RunWorker, on_exit: Callable[[int], None] | None = None) -> int:
+    """Run ``settings.server.workers`` worker processes on one port until SIGTERM/SIGINT; the exit status.
+    ``on_exit(pid)`` runs in the parent for every worker once it has exited (e.g. to drop its live
+    metrics: a SIGKILLed worker cannot)."""
+    return _Supervisor(settings, run, on_exit).serve()

@@ -26,6 +26,13 @@ from tests.test_api import applicant
 ANON = {"CREDSCOPE_AUTH__ALLOW_ANONYMOUS": "true", "CREDSCOPE_SERVER__DRAIN_SECONDS": "0"}
 
 
+def running(pid: int) -> bool:
+    try:
+        return "zombie" not in Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+
+
 def children(pid: int) -> list[int]:
     with open(f"/proc/{pid}/task/{pid}/children") as f:
         return [int(x) for x in f.read().split()]
@@ -109,8 +116,7 @@ def test_two_workers_share_one_port_and_stop_together(model_dir: Path, tmp_path:
     assert log.count("CredScope listening on") == 1
     assert "(model " in log and "2 workers" in log
     assert log.count("stopped") >= 2 and "[worker 0 pid" in log and "[worker 1 pid" in log
-    for pid in workers:
-        assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text()
+    assert not [pid for pid in workers if running(pid)]
 
 
 def test_a_dead_worker_stops_the_server_with_status_3(model_dir: Path, tmp_path: Path) -> None:
@@ -125,9 +131,22 @@ def test_a_dead_worker_stops_the_server_with_status_3(model_dir: Path, tmp_path:
     assert f"pid {victim}) died with status -9" in sp.log()
     assert "nothing is restarted" in sp.log()
     deadline = time.monotonic() + 10
-    while Path(f"/proc/{other}").exists() and time.monotonic() < deadline:
+    while running(other) and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert not Path(f"/proc/{other}").exists(), "the surviving worker was left running"
+    assert not running(other), "the surviving worker was left running"
+
+
+def test_workers_of_a_killed_parent_stop(model_dir: Path, tmp_path: Path) -> None:
+    sp = start_server(model_dir, cwd=tmp_path, env=ANON, args=["--workers", "2"])
+    workers = children(sp.proc.pid)
+    assert len(workers) == 2
+    sp.stop(signal.SIGKILL)  # no forwarding: each worker gets its SIGTERM from the kernel (PR_SET_PDEATHSIG)
+    deadline = time.monotonic() + 20
+    alive = workers
+    while alive and time.monotonic() < deadline:
+        time.sleep(0.1)
+        alive = [pid for pid in workers if running(pid)]
+    assert not alive, "orphaned workers kept running"
 
 
 def test_a_worker_that_cannot_start_fails_the_server(tmp_path: Path) -> None:
