@@ -139,8 +139,12 @@ def test_sidecar_sums_the_workers_while_they_serve(stack, model) -> None:  # typ
     assert total(m, "credscope_grpc_request_duration_seconds_bucket", method="Score", code="OK", le="+Inf") == n_ok
     assert total(m, "credscope_predictions_total") == scored
     assert total(m, "credscope_default_probability_count") == scored
-    assert total(m, "credscope_inference_rows_total") == scored
-    assert total(m, "credscope_inference_duration_seconds_count") == n_ok + 2
+    # Every scored row went through the prediction cache: a hit, or a miss that the model scored.
+    hits = total(m, "credscope_cache_hits_total", cache="prediction")
+    misses = total(m, "credscope_cache_misses_total", cache="prediction")
+    assert hits + misses == scored and hits > 0
+    assert total(m, "credscope_inference_rows_total") == misses
+    assert 0 < total(m, "credscope_inference_duration_seconds_count") <= n_ok + 2
     assert total(m, "credscope_prediction_errors_total", type="invalid_argument") == 2 * (INVALID_PER_WORKER + 2)
     assert total(m, "credscope_server_workers") == 2
     assert len([k for k in m if k.startswith("credscope_process_resident_memory_bytes{")]) == 2

@@ -25,6 +25,13 @@ APPLICANT = {
     "name_education_type": "Higher education", "days_birth": -13579, "days_employed": -2468,
     "ext_source_2": 0.613579, "ext_source_3": 0.524681, "cnt_fam_members": 2,
 }
+
+
+def fresh() -> dict:
+    """APPLICANT with a new EXT_SOURCE_1, so that the prediction cache misses and the model runs."""
+    return {**APPLICANT, "ext_source_1": 0.05 + 0.9 * secrets.randbelow(10**6) / 10**6}
+
+
 SECRET_FRAGMENTS = ("173456", "654321", "31987", "600123", "13579", "2468", "0.613579", "0.524681")
 
 
@@ -43,12 +50,12 @@ class Collector(trace_service_pb2_grpc.TraceServiceServicer):
                     self.spans.extend((resource, s) for s in ss.spans)
         return trace_service_pb2.ExportTraceServiceResponse()
 
-    def wait_for(self, predicate, timeout: float = 20.0) -> list[trace_pb2.Span]:  # type: ignore[no-untyped-def]
+    def wait_for(self, predicate, timeout: float = 20.0, count: int = 1) -> list[trace_pb2.Span]:  # type: ignore[no-untyped-def]
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             with self.lock:
                 found = [s for _, s in self.spans if predicate(s)]
-            if found:
+            if len(found) >= count:
                 return found
             time.sleep(0.05)
         with self.lock:
@@ -186,7 +193,7 @@ def test_auth_abort_keeps_rich_status_inside_the_span(traced_server, collector, 
 
 
 def test_batch_inference_span_and_a_new_trace_without_traceparent(traced_server, collector, api_key) -> None:  # type: ignore[no-untyped-def]
-    applicants = [applicant_from_mapping(APPLICANT) for _ in range(3)]
+    applicants = [applicant_from_mapping(fresh()) for _ in range(3)]
     request_id = "trace-batch-" + secrets.token_hex(4)
     with grpc.insecure_channel(traced_server.target) as ch:
         scoring_pb2_grpc.ScoringServiceStub(ch).BatchScore(
@@ -194,15 +201,18 @@ def test_batch_inference_span_and_a_new_trace_without_traceparent(traced_server,
     rpc = collector.wait_for(lambda s: attrs(s).get("credscope.request_id") == request_id)[0]
     assert rpc.name == "credscope.v1.ScoringService/BatchScore" and rpc.parent_span_id == b""  # a new root
     assert attrs(rpc)["credscope.batch_size"] == 3
-    child = collector.wait_for(lambda s: s.parent_span_id == rpc.span_id)[0]
-    assert child.name == "credscope.inference" and attrs(child)["credscope.batch_size"] == 3
+    children = {s.name: s for s in collector.wait_for(lambda s: s.parent_span_id == rpc.span_id, count=2)}
+    assert set(children) == {"credscope.cache.get", "credscope.inference"}  # new applicants: looked up, missed
+    assert attrs(children["credscope.cache.get"])["credscope.keys"] == 3
+    assert attrs(children["credscope.cache.get"])["credscope.hits"] == 0
+    assert attrs(children["credscope.inference"])["credscope.batch_size"] == 3
 
 
 def test_no_applicant_data_or_key_in_any_span(traced_server, collector, api_key) -> None:  # type: ignore[no-untyped-def]
     header, trace_id, _ = traceparent()
     with grpc.insecure_channel(traced_server.target) as ch:
         stub = scoring_pb2_grpc.ScoringServiceStub(ch)
-        stub.Score(scoring_pb2.ScoreRequest(applicant=applicant_from_mapping(APPLICANT)), timeout=10,
+        stub.Score(scoring_pb2.ScoreRequest(applicant=applicant_from_mapping(fresh())), timeout=10,
                    metadata=[("traceparent", header), ("x-api-key", api_key)])
         stub.BatchScore(scoring_pb2.BatchScoreRequest(applicants=[applicant_from_mapping(APPLICANT)]), timeout=10,
                         metadata=[("x-api-key", api_key)])
