@@ -122,9 +122,10 @@ def _forget_worker(settings: Settings) -> Callable[[int], None] | None:
         return None
 
     def forget(pid: int) -> None:
-        from server import metrics
+        # prometheus-client itself, not server.metrics: importing that would make the parent a metrics writer
+        from prometheus_client import multiprocess
 
-        metrics.mark_dead(metrics_dir, pid)
+        multiprocess.mark_process_dead(pid, str(metrics_dir))
 
     return forget
 

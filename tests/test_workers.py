@@ -136,6 +136,23 @@ def test_a_dead_worker_stops_the_server_with_status_3(model_dir: Path, tmp_path:
     assert not running(other), "the surviving worker was left running"
 
 
+def test_the_parent_drops_a_killed_workers_live_metrics(model_dir: Path, tmp_path: Path) -> None:
+    metrics = tmp_path / "metrics"
+    sp = start_server(model_dir, cwd=tmp_path, env=ANON, args=["--workers", "2", "--metrics-dir", str(metrics)])
+    try:
+        victim, other = children(sp.proc.pid)
+        deadline = time.monotonic() + 20
+        while not (list(metrics.glob(f"gauge_live*_{victim}.db")) and list(metrics.glob(f"gauge_live*_{other}.db"))):
+            assert time.monotonic() < deadline, sorted(p.name for p in metrics.iterdir())
+            time.sleep(0.1)
+        os.kill(victim, signal.SIGKILL)  # it cannot clean up after itself
+        assert sp.proc.wait(timeout=30) == 3
+    finally:
+        sp.stop(signal.SIGKILL)
+    assert not list(metrics.glob("gauge_live*.db")), sorted(p.name for p in metrics.iterdir())
+    assert list(metrics.glob(f"counter_{victim}.db"))  # its counts stay in the totals
+
+
 def test_workers_of_a_killed_parent_stop(model_dir: Path, tmp_path: Path) -> None:
     sp = start_server(model_dir, cwd=tmp_path, env=ANON, args=["--workers", "2"])
     workers = children(sp.proc.pid)
@@ -228,3 +245,32 @@ def test_audit_trail_is_complete_across_workers(model_dir: Path, tmp_path: Path)
     finally:
         con.close()
     assert found == len(ids)
+
+
+def _migrate_at(path: str, barrier) -> None:  # type: ignore[no-untyped-def]
+    from server.db import migrate_sqlite
+
+    barrier.wait(30)
+    migrate_sqlite(Path(path))
+
+
+def test_workers_opening_a_new_sqlite_database_at_once_all_succeed(tmp_path: Path) -> None:
+    """Workers start together and each migrates the same new SQLite file (key store, audit): SQLite answers
+    the WAL switch "database is locked" without waiting, which db.connect_sqlite must ride over."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("fork")
+    for round_ in range(5):
+        path = tmp_path / f"fresh-{round_}.db"
+        barrier = ctx.Barrier(4)
+        procs = [ctx.Process(target=_migrate_at, args=(str(path), barrier)) for _ in range(4)]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join(60)
+        assert [p.exitcode for p in procs] == [0, 0, 0, 0]
+        con = sqlite3.connect(path)
+        try:
+            assert con.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        finally:
+            con.close()
