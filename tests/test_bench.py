@@ -83,7 +83,7 @@ def test_a_short_bench_run_end_to_end(model_dir: Path, tmp_path: Path) -> None:
         [sys.executable, "-m", "tools.bench", "--model-dir", str(model_dir), "--configs", "embedded",
          "--scenarios", "score-miss,score-hit,batch-100", "--concurrency", "2", "--batch-concurrency", "1",
          "--moderate", "2", "--duration", "0.5", "--warmup", "0.1", "--requests", "200", "--batch-applicants", "500",
-         "--no-mlserver", "--workers", "2", "--processes", "1", "--out", str(out_json)],
+         "--no-mlserver", "--workers", "2", "--processes", "1", "--rounds", "2", "--out", str(out_json)],
         capture_output=True, text=True, timeout=240, cwd=tmp_path, env={**base_env(), "PYTHONPATH": str(ROOT)})
     assert out.returncode == 0, out.stderr[-2000:]
     report = json.loads(out_json.read_text())
@@ -91,7 +91,9 @@ def test_a_short_bench_run_end_to_end(model_dir: Path, tmp_path: Path) -> None:
     miss = rows[("credscope", "score-miss")]
     assert miss["status"] == "ok" and miss["requests"] > 0 and miss["errors"] == 0 and miss["server_cpu_us"] > 0
     assert rows[("credscope", "batch-100")]["requests"] > 0
-    assert rows[("echo", "score-miss")]["status"] == "ok"
+    echo = rows[("echo", "score-miss")]
+    assert echo["status"] == "ok" and len(echo["rounds"]) == 2 and "interleaved" in echo["note"]
+    assert len(miss["rounds"]) == 2  # CredScope and echo measured turn by turn
     hit = rows[("credscope", "score-hit")]
     assert hit["status"] == "ok" or hit["status"].startswith("skipped: feature not available")
     assert report["ratios"]["score_vs_echo"] > 0

@@ -375,10 +375,25 @@ class Row:
 
 
 @dataclass
+class Peer:
+    """A reference server kept running through the bench: measured turn by turn with CredScope's Score."""
+
+    system: str
+    config: str
+    target: str
+    method: str
+    payloads: list[bytes]
+    pid: int | None
+    stop: Callable[[], Any]
+    note: str = ""
+
+
+@dataclass
 class Bench:
     args: argparse.Namespace
     rows: list[Row] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    peers: list[Peer] = field(default_factory=list)
     audit_rows: dict[str, int | None] = field(default_factory=dict)
     """Prediction rows the audit trail held after each configuration with audit on (None: no audit trail)."""
     run_id: str = field(default_factory=lambda: uuid.uuid4().hex[:8])
@@ -400,19 +415,24 @@ class Bench:
                         duration=a.duration, warmup=a.warmup, max_requests=max_requests or a.requests,
                         metadata=metadata)
 
-    def measure(self, row: Row, spec: LoadSpec, pid: int | None = None) -> None:
-        say(f"  {row.system:9} {row.config:10} {row.scenario:13} c={row.concurrency:<4} ...")
+    def _load(self, spec: LoadSpec, pid: int | None) -> LoadResult | str:
+        """One bounded run (with the server's CPU per call when ``pid`` is given), or why it failed."""
         cpu: list[float] = []
         try:
             res: LoadResult = run_load(spec, on_start=(lambda: cpu.append(tree_cpu(pid))) if pid else None)
-            if cpu and res.requests:
-                res.server_cpu_us = (tree_cpu(pid) - cpu[0]) / res.requests * 1e6  # type: ignore[arg-type]
         except Exception as e:  # noqa: BLE001 - one failed run is reported, the bench goes on
-            row.status = f"error: {e}"
+            return str(e)
+        if cpu and res.requests:
+            res.server_cpu_us = (tree_cpu(pid) - cpu[0]) / res.requests * 1e6  # type: ignore[arg-type]
+        return res
+
+    def _record(self, row: Row, res: LoadResult | str) -> None:
+        if isinstance(res, str):
+            row.status = f"error: {res}"
             self.rows.append(row)
-            say(f"    error: {e}")
+            say(f"    error: {res}")
             return
-        row.result = res.as_dict()
+        row.result = res.as_dict() if row.result is None else row.result
         if res.requests == 0:
             row.status = f"error: every call failed ({res.first_error})"
         elif res.errors:
@@ -421,6 +441,36 @@ class Bench:
         cpu_note = f", server CPU {res.server_cpu_us:.0f} us/call" if res.server_cpu_us is not None else ""
         say(f"    {res.rps:9.0f} req/s  p50 {res.p50:7.2f} ms  p90 {res.p90:7.2f} ms  p99 {res.p99:7.2f} ms"
             f"  ({res.requests} calls{f', {res.errors} errors' if res.errors else ''}{cpu_note})")
+
+    def measure(self, row: Row, spec: LoadSpec, pid: int | None = None) -> None:
+        say(f"  {row.system:9} {row.config:10} {row.scenario:13} c={row.concurrency:<4} ...")
+        self._record(row, self._load(spec, pid))
+
+    def interleaved(self, c: int, runs: list[tuple[Row, Callable[[], LoadSpec], int | None]]) -> None:
+        """Measure several systems at concurrency ``c`` turn by turn, ``--rounds`` times, and record each
+        one's medians: on a shared host the other tenants' load then weighs on all of them alike."""
+        results: list[list[LoadResult]] = [[] for _ in runs]
+        failed: list[str | None] = [None] * len(runs)
+        for r in range(self.args.rounds):
+            for i, (row, make_spec, pid) in enumerate(runs):
+                if failed[i]:
+                    continue
+                say(f"  {row.system:9} {row.config:10} {row.scenario:13} c={c:<4} round {r + 1}/{self.args.rounds} ...")
+                res = self._load(make_spec(), pid)
+                if isinstance(res, str):
+                    failed[i] = res
+                else:
+                    results[i].append(res)
+        for i, (row, _, _) in enumerate(runs):
+            if failed[i] and not results[i]:
+                self._record(row, failed[i])  # type: ignore[arg-type]
+                continue
+            rounds = results[i]
+            merged = _median_result(rounds)
+            row.result = {**merged.as_dict(), "rounds": [x.as_dict() for x in rounds]}
+            if len(rounds) > 1:
+                row.note = (row.note + "; " if row.note else "") + f"median of {len(rounds)} interleaved rounds"
+            self._record(row, merged)
 
     def skip(self, system: str, config: str, scenario: str, why: str) -> None:
         say(f"  {system:9} {config:10} {scenario:13} skipped: {why}")
@@ -538,8 +588,16 @@ class Bench:
                 continue
             levels = a.batch_concurrency if scenario.startswith("batch") else a.concurrency
             for c in levels:
-                self.measure(Row("credscope", config, scenario, c), self._spec_for(scenario, server, c, md),
-                             server.proc.pid)
+                if scenario == "score-miss" and config == "embedded" and self.peers:
+                    runs: list[tuple[Row, Callable[[], LoadSpec], int | None]] = [
+                        (Row("credscope", config, scenario, c),
+                         lambda c=c: self._spec_for("score-miss", server, c, md), server.proc.pid)]
+                    runs += [(Row(p.system, p.config, "score-miss", c, note=p.note),
+                              lambda p=p, c=c: self.spec(p.target, p.method, p.payloads, c), p.pid) for p in self.peers]
+                    self.interleaved(c, runs)
+                else:
+                    self.measure(Row("credscope", config, scenario, c), self._spec_for(scenario, server, c, md),
+                                 server.proc.pid)
 
     def _spec_for(self, scenario: str, server: Started, c: int, md: tuple[tuple[str, str], ...]) -> LoadSpec:
         a = self.args
@@ -589,7 +647,7 @@ class Bench:
                 self.notes.append(f"credscope [networked] Redis check failed: {e}")
 
     # ---------------------------------------------------------------- references
-    def run_echo(self) -> None:
+    def start_echo(self) -> list[Peer]:
         a = self.args
         folder = self.workdir / "echo"
         folder.mkdir(exist_ok=True)
@@ -599,21 +657,16 @@ class Bench:
             server = start_process(cmd, base_env(), folder, folder / "echo.log", timeout=60)
         except RuntimeError as e:
             self.skip("echo", "-", "score-miss", str(e))
-            return
-        try:
-            payloads = score_requests(self.applicants.take(2000))
-            for c in a.concurrency:
-                self.measure(Row("echo", "-", "score-miss", c), self.spec(server.target, ECHO_METHOD, payloads, c),
-                             server.proc.pid)
-        finally:
-            server.stop()
+            return []
+        return [Peer("echo", "-", server.target, ECHO_METHOD, score_requests(self.applicants.take(2000)),
+                     server.proc.pid, server.stop)]
 
-    def run_mlserver(self, version: str) -> None:
+    def start_mlservers(self, version: str) -> list[Peer]:
         a = self.args
         venv = a.mlserver_venv
         if not (venv / "bin" / "mlserver").exists():
             self.skip("mlserver", "-", "score-miss", f"MLServer is not installed in {venv} (make bench makes it)")
-            return
+            return []
         folder = self.workdir / "mlserver"
         folder.mkdir(exist_ok=True)
         peer = subprocess.run([sys.executable, "-m", "tools.bench_peers", "peer-model", "--model-dir",
@@ -621,25 +674,27 @@ class Bench:
                               capture_output=True, text=True, cwd=ROOT, env=base_env(), timeout=900)
         if peer.returncode != 0:
             self.skip("mlserver", "-", "score-miss", f"cannot build the peer's model: {peer.stderr.strip()[-300:]}")
-            return
+            return []
         model_file = Path(peer.stdout.strip().splitlines()[-1])
-        apps = self.applicants.take(2000)
         import numpy as np
 
-        np.save(folder / "rows.npy", rows_of(apps))
+        np.save(folder / "rows.npy", rows_of(self.applicants.take(2000)))
         np.save(folder / "check.npy", rows_of(self.fixed[:8]))
         made = venv_python(venv, "mlserver-requests", "--rows", str(folder / "rows.npy"), "--version", version,
-                         "--out", str(folder / "requests.bin"))
+                           "--out", str(folder / "requests.bin"))
         if made.returncode != 0:
             self.skip("mlserver", "-", "score-miss", f"cannot build V2 requests: {made.stderr.strip()[-300:]}")
-            return
+            return []
         payloads = read_frames(folder / "requests.bin")
+        peers = []
         for pw in a.mlserver_workers:
-            self._run_one_mlserver(venv, model_file, version, folder, pw, payloads)
+            started = self._start_one_mlserver(venv, model_file, version, folder, pw, payloads)
+            if started is not None:
+                peers.append(started)
+        return peers
 
-    def _run_one_mlserver(self, venv: Path, model_file: Path, version: str, folder: Path, pw: int,
-                          payloads: list[bytes]) -> None:
-        a = self.args
+    def _start_one_mlserver(self, venv: Path, model_file: Path, version: str, folder: Path, pw: int,
+                            payloads: list[bytes]) -> Peer | None:
         config = f"pw={pw}"
         say(f"MLServer peer (parallel_workers={pw})")
         work = folder / config
@@ -650,18 +705,17 @@ class Bench:
             ready = in_child(_mlserver_ready, ml.target, 120.0, timeout=150)
             if ready != "ok":
                 self.skip("mlserver", config, "score-miss", f"MLServer did not become ready ({ready}): {ml.log_tail(8)}")
-                return
+                ml.stop()
+                return None
             same = self._same_model(ml, folder, version)
             if same:
                 self.notes.append(f"{same} ({config})")
-            for c in a.concurrency:
-                self.measure(Row("mlserver", config, "score-miss", c,
-                                 note="V2 ModelInfer, 1 row FP32 raw tensor, predict_proba"),
-                             self.spec(ml.target, MLSERVER_INFER, payloads, c), ml.proc.pid if ml.proc else None)
         except OSError as e:
             self.skip("mlserver", config, "score-miss", f"MLServer did not start: {e}")
-        finally:
             ml.stop()
+            return None
+        return Peer("mlserver", config, ml.target, MLSERVER_INFER, payloads, ml.proc.pid if ml.proc else None,
+                    ml.stop, note="V2 ModelInfer, 1 row FP32 raw tensor, predict_proba")
 
     def _same_model(self, ml: MLServerProcess, folder: Path, version: str) -> str:
         """Check that MLServer's P(default) equals CredScope's model's for a few applicants."""
@@ -684,12 +738,22 @@ class Bench:
         if version is None:
             raise SystemExit(f"credscope-bench: no model in {a.model_dir}; run `make model`")
         started = time.time()
-        for config in a.configs:
-            self.run_credscope(config)
-        if a.echo:
-            self.run_echo()
-        if a.mlserver:
-            self.run_mlserver(version)
+        try:
+            if a.echo:
+                self.peers += self.start_echo()
+            if a.mlserver:
+                self.peers += self.start_mlservers(version)
+            for config in a.configs:
+                self.run_credscope(config)
+            measured = {(r.system, r.config) for r in self.rows if r.system != "credscope" and r.concurrency}
+            alone = [p for p in self.peers if (p.system, p.config) not in measured]  # no embedded score-miss run
+            for c in a.concurrency if alone else []:
+                self.interleaved(c, [(Row(p.system, p.config, "score-miss", c, note=p.note),
+                                      lambda p=p, c=c: self.spec(p.target, p.method, p.payloads, c), p.pid)
+                                     for p in alone])
+        finally:
+            for p in self.peers:
+                p.stop()
         return self.report(version, time.time() - started)
 
     def best(self, system: str, config: str | None, scenario: str, concurrency: int | None = None) -> Row | None:
@@ -760,6 +824,28 @@ class Bench:
     def cleanup(self) -> None:
         if not self.args.keep:
             shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+def _median_result(results: list[LoadResult]) -> LoadResult:
+    """The per-metric medians of several runs (calls and errors summed)."""
+    import statistics
+
+    def med(key: str) -> float:
+        values = [getattr(r, key) for r in results if getattr(r, key) is not None]
+        return float(statistics.median(values)) if values else math.nan
+
+    first = results[0]
+    codes: dict[str, int] = {}
+    for r in results:
+        for k, v in r.error_codes.items():
+            codes[k] = codes.get(k, 0) + v
+    cpu = [r.server_cpu_us for r in results if r.server_cpu_us is not None]
+    return LoadResult(requests=sum(r.requests for r in results), errors=sum(r.errors for r in results),
+                      seconds=sum(r.seconds for r in results), rps=med("rps"), p50=med("p50"), p90=med("p90"),
+                      p99=med("p99"), mean=med("mean"), max=max(r.max for r in results), error_codes=codes,
+                      first_error=next((r.first_error for r in results if r.first_error), None),
+                      concurrency=first.concurrency, processes=first.processes,
+                      server_cpu_us=float(statistics.median(cpu)) if cpu else None)
 
 
 def _onnx_proba(model_dir: Path, version: str, rows: Path) -> list[float]:
@@ -911,6 +997,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--moderate", type=int, default=4,
                    help="the 'moderate load' level (calls in flight) of the latency targets (default 4)")
     p.add_argument("--duration", type=float, default=3.0, help="seconds measured per run (default 3)")
+    p.add_argument("--rounds", type=int, default=3,
+                   help="Score (cache miss) of CredScope, the echo server and MLServer is measured turn by turn this "
+                        "many times per concurrency level; the medians are reported (default 3)")
     p.add_argument("--warmup", type=float, default=1.0, help="warm-up seconds per run, not measured (default 1)")
     p.add_argument("--requests", type=int, default=20_000, help="most calls measured per run (default 20000)")
     p.add_argument("--explain-requests", type=int, default=5_000, help="most calls per explanation run (default 5000)")
@@ -951,7 +1040,7 @@ def main(argv: list[str] | None = None) -> int:
         def given(flag: str) -> bool:
             return any(x == flag or x.startswith(flag + "=") for x in argv_list)
 
-        for flag, attr, value in (("--duration", "duration", 1.0), ("--warmup", "warmup", 0.3),
+        for flag, attr, value in (("--duration", "duration", 1.0), ("--warmup", "warmup", 0.3), ("--rounds", "rounds", 1),
                                   ("--concurrency", "concurrency", [1, 4]), ("--batch-concurrency", "batch_concurrency", [1]),
                                   ("--configs", "configs", ["embedded"]), ("--mlserver-workers", "mlserver_workers", [0])):
             if not given(flag):
@@ -959,8 +1048,8 @@ def main(argv: list[str] | None = None) -> int:
         args.requests = min(args.requests, 5000)
         args.explain_requests = min(args.explain_requests, 1000)
         args.batch_applicants = min(args.batch_applicants, 20_000)
-    if args.workers < 1 or args.processes < 1 or args.duration <= 0 or args.requests < 1:
-        parser().error("--workers, --processes, --requests must be >= 1 and --duration > 0")
+    if args.workers < 1 or args.processes < 1 or args.duration <= 0 or args.requests < 1 or args.rounds < 1:
+        parser().error("--workers, --processes, --requests, --rounds must be >= 1 and --duration > 0")
     args.model_dir, args.mlserver_venv = args.model_dir.resolve(), args.mlserver_venv.absolute()
     args.peer_cache = args.peer_cache.resolve()
     if args.moderate not in args.concurrency:
