@@ -11,7 +11,9 @@ from grpc_reflection.v1alpha import reflection
 
 from credscope.v1 import admin_pb2, admin_pb2_grpc, scoring_pb2, scoring_pb2_grpc
 from server import db, tracing
+from server.audit.writer import AuditWriter
 from server.cached_scoring import open_caches
+from server.interceptors.audit import AuditInterceptor
 from server.interceptors.auth import AuthInterceptor
 from server.interceptors.metrics import MetricsInterceptor
 from server.interceptors.ratelimit import RateLimitInterceptor
@@ -47,14 +49,16 @@ class CredScopeServer:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.runtime = Runtime(settings)
+        self.audit = AuditWriter(settings.audit) if settings.audit.enabled else None
         self.caches = open_caches(settings.cache)
         self.health = health.aio.HealthServicer()
         self.security = Security(settings)
         self.server = grpc.aio.server(interceptors=self.interceptors(), options=server_options(settings))
-        scoring_pb2_grpc.add_ScoringServiceServicer_to_server(ScoringService(self.runtime, settings, self.caches),
+        scoring_pb2_grpc.add_ScoringServiceServicer_to_server(ScoringService(self.runtime, settings, self.caches, audit=self.audit),
                                                               self.server)
         admin_pb2_grpc.add_AdminServiceServicer_to_server(
-            AdminService(self.runtime, api_keys=ApiKeyAdmin(self.security), caches=self.caches), self.server)
+            AdminService(self.runtime, api_keys=ApiKeyAdmin(self.security), caches=self.caches,
+                         audit=self.audit), self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection((*SERVED, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server)
         self.port = 0
@@ -62,9 +66,12 @@ class CredScopeServer:
         self._watch: asyncio.Task[None] | None = None
 
     def interceptors(self) -> list[grpc.aio.ServerInterceptor]:
+        # tracing → metrics → request id → audit → auth → rate limit (the audit sees every call the chain
+        # handles, including those auth and rate limiting refuse)
         traced: list[grpc.aio.ServerInterceptor] = [TracingInterceptor()] if tracing.enabled() else []
+        audit: list[grpc.aio.ServerInterceptor] = [AuditInterceptor(self.audit)] if self.audit is not None else []
         return [*traced, MetricsInterceptor(),
-                RequestIdInterceptor(accepting=lambda: not self.draining),
+                RequestIdInterceptor(accepting=lambda: not self.draining), *audit,
                 AuthInterceptor(self.security.verifier, allow_anonymous=self.settings.auth.allow_anonymous),
                 RateLimitInterceptor(self.security.limiter, self.security.usage,
                                      max_batch=self.settings.server.max_batch_size)]
@@ -82,6 +89,8 @@ class CredScopeServer:
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         await db.migrate(self.settings.auth.key_store_url)
         await self.security.start()
+        if self.audit is not None:
+            await self.audit.start()  # applies the migrations; spools (and says so) if the database is down
         await self.server.start()
         scorer = await asyncio.to_thread(self.runtime.load)
         await self._log_cache()
@@ -101,6 +110,8 @@ class CredScopeServer:
         if drain > 0:
             await asyncio.sleep(drain)
         await self.server.stop(self.settings.server.grace_seconds if grace is None else grace)
+        if self.audit is not None:
+            await self.audit.close()  # drain: every queued record is written or spooled before exit
         await self.security.close()
         await self.caches.close()
 

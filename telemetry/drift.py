@@ -72,6 +72,22 @@ class FeatureDrift:
 
 
 @dataclass
+class InputContract:
+    """Input contract signals of one applicant field over the window: how often it is missing (against
+    the training data) and how often an accepted value lies outside the range seen in training. (Values
+    outside the schema's valid range are refused and never reach the audit trail: the server's
+    ``credscope_input_out_of_range_total`` counter has them.)"""
+
+    field: str
+    rows: int
+    missing_rate: float
+    reference_missing_rate: float
+    out_of_range_rate: float
+    reference_min: float | None = None
+    reference_max: float | None = None
+
+
+@dataclass
 class DriftReport:
     """Drift of every model feature for one window of inputs."""
 
@@ -81,6 +97,8 @@ class DriftReport:
     source: str
     features: list[FeatureDrift]
     reference_rows: int = 0
+    inputs: list[InputContract] = field(default_factory=list)
+    """Input contract signals per applicant field (schema order)."""
     thresholds: dict[str, float] = field(default_factory=lambda: {"moderate": MODERATE, "significant": SIGNIFICANT})
 
     def by_severity(self, level: str) -> list[str]:
@@ -106,6 +124,13 @@ class DriftReport:
             pv = "-" if f.ks_pvalue is None else f"{f.ks_pvalue:10.2g}"
             miss = f"{f.reference_missing_rate:6.1%} -> {f.missing_rate:6.1%}"
             lines.append(f"{f.feature:<28} {f.kind:<11} {p:>8}  {f.severity:<11} {ks:>6} {pv:>10}  {miss:>18}")
+        if self.inputs:
+            lines += ["", "Input contract (missing: reference -> now; accepted values outside the training range):",
+                      f"{'field':<28} {'missing ref -> now':>18} {'out of range':>13}"]
+            for c in sorted(self.inputs, key=lambda c: (c.missing_rate - c.reference_missing_rate
+                                                        + c.out_of_range_rate), reverse=True)[:limit]:
+                miss = f"{c.reference_missing_rate:6.1%} -> {c.missing_rate:6.1%}"
+                lines.append(f"{c.field:<28} {miss:>18} {c.out_of_range_rate:13.1%}")
         sig, mod = self.by_severity("significant"), self.by_severity("moderate")
         lines += ["", f"significant drift: {', '.join(sig) if sig else 'none'}",
                   f"moderate drift:    {', '.join(mod) if mod else 'none'}"]
@@ -168,6 +193,26 @@ class DriftDetector:
         """Raw input matrix -> the model's features (raw + engineered), by the model's ONNX graph."""
         return self.model.transform(raw)
 
+    def input_contract(self, raw: np.ndarray) -> list[InputContract]:
+        """Missing and out-of-training-range rates of every raw input field over ``raw``."""
+        from server.schema import COLUMN_NAMES
+
+        n = len(raw)
+        out = []
+        for j, name in enumerate(COLUMN_NAMES):
+            entry = self.profile.get(name) or {}
+            values = raw[:, j] if n else np.empty(0, np.float32)
+            lo, hi = entry.get("min"), entry.get("max")
+            outside = 0
+            if entry.get("kind") == "numeric" and lo is not None and hi is not None and n:
+                outside = int(((values < np.float32(lo)) | (values > np.float32(hi))).sum())
+            out.append(InputContract(
+                field=name, rows=n, missing_rate=float(np.isnan(values).mean()) if n else 0.0,
+                reference_missing_rate=float(entry.get("missing_rate", 0.0)),
+                out_of_range_rate=outside / n if n else 0.0,
+                reference_min=None if lo is None else float(lo), reference_max=None if hi is None else float(hi)))
+        return out
+
     def compare(self, raw: np.ndarray, source: str = "audit trail") -> DriftReport:
         """Drift of the inputs ``raw`` (float32 ``[N, len(COLUMNS)]``, NaN = missing)."""
         from scipy import stats
@@ -197,7 +242,7 @@ class DriftDetector:
                 reference_missing_rate=float(entry.get("missing_rate", 0.0)), bins=_bin_labels(entry),
                 reference=[round(float(x), 6) for x in ref], current=[round(float(x), 6) for x in cur]))
         out.sort(key=lambda f: -1.0 if f.psi is None else f.psi, reverse=True)
-        return DriftReport(model_version=self.model.version, generated_at=datetime.now(UTC).isoformat(timespec="seconds"),
+        return DriftReport(inputs=self.input_contract(raw), model_version=self.model.version, generated_at=datetime.now(UTC).isoformat(timespec="seconds"),
                            rows=int(len(raw)), source=source, features=out,
                            reference_rows=int(self.reference.get("n_rows", 0)))
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from prometheus_client import REGISTRY, CollectorRegistry, generate_latest
 
+import server.input_signals  # noqa: F401 - registers the input contract metrics
 import server.metrics  # noqa: F401 - registers the worker metrics in the default registry
 from telemetry.collector import SidecarCollector, SidecarState
 from tests.telemetry_data import promtool
@@ -48,7 +49,7 @@ def test_alert_rules_pass_promtool() -> None:
     check = subprocess.run([tool, "check", "rules", str(TELEMETRY / "alerts.yml")], capture_output=True, text=True,
                            timeout=60)
     assert check.returncode == 0, check.stdout + check.stderr
-    assert "SUCCESS: 9 rules found" in check.stdout
+    assert "SUCCESS: 10 rules found" in check.stdout
     test = subprocess.run([tool, "test", "rules", str(TELEMETRY / "alerts_test.yml")], capture_output=True,
                           text=True, timeout=60)
     assert test.returncode == 0, test.stdout + test.stderr
@@ -62,7 +63,7 @@ def test_alert_rules_use_existing_metrics() -> None:
     for alert in ("CredScopeModelPerformanceDegraded", "CredScopeModelPerformanceDegrading",
                   "CredScopeFeatureDriftSignificant", "CredScopeFeatureDriftModerate", "CredScopeHighErrorRate",
                   "CredScopeHighLatency", "CredScopeLowCacheHitRate", "CredScopeHighMemoryUsage",
-                  "CredScopeFrequentRateLimiting"):
+                  "CredScopeFrequentRateLimiting", "CredScopeInputOutOfRange"):
         assert f"alert: {alert}\n" in text
 
 

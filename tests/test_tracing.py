@@ -196,13 +196,20 @@ def test_batch_inference_span_and_a_new_trace_without_traceparent(traced_server,
     applicants = [applicant_from_mapping(fresh()) for _ in range(3)]
     request_id = "trace-batch-" + secrets.token_hex(4)
     with grpc.insecure_channel(traced_server.target) as ch:
-        scoring_pb2_grpc.ScoringServiceStub(ch).BatchScore(
+        response = scoring_pb2_grpc.ScoringServiceStub(ch).BatchScore(
             scoring_pb2.BatchScoreRequest(applicants=applicants, request_id=request_id), timeout=10)
+    # adverse decisions are explained for their reasons: an explanation cache look-up and an explain span more
+    adverse = any(r.prediction.decision != scoring_pb2.DECISION_APPROVE for r in response.results)
     rpc = collector.wait_for(lambda s: attrs(s).get("credscope.request_id") == request_id)[0]
     assert rpc.name == "credscope.v1.ScoringService/BatchScore" and rpc.parent_span_id == b""  # a new root
     assert attrs(rpc)["credscope.batch_size"] == 3
-    children = {s.name: s for s in collector.wait_for(lambda s: s.parent_span_id == rpc.span_id, count=2)}
-    assert set(children) == {"credscope.cache.get", "credscope.inference"}  # new applicants: looked up, missed
+    spans = collector.wait_for(lambda s: s.parent_span_id == rpc.span_id, count=5 if adverse else 3)
+    children = {s.name: s for s in spans if attrs(s).get("credscope.cache", "prediction") == "prediction"}
+    # New applicants: looked up (missed), scored, then audited.
+    assert set(children) == {"credscope.cache.get", "credscope.inference", "credscope.audit.enqueue"}
+    assert attrs(children["credscope.audit.enqueue"])["credscope.predictions"] == 3
+    assert {s.name for s in spans} == {"credscope.cache.get", "credscope.inference", "credscope.audit.enqueue"} | (
+        {"credscope.explain"} if adverse else set())
     assert attrs(children["credscope.cache.get"])["credscope.keys"] == 3
     assert attrs(children["credscope.cache.get"])["credscope.hits"] == 0
     assert attrs(children["credscope.inference"])["credscope.batch_size"] == 3

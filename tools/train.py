@@ -49,6 +49,7 @@ from sklearn.model_selection import train_test_split
 from sklearn.pipeline import Pipeline
 from sklearn.utils.validation import check_is_fitted
 
+from server.reasons import DEFAULT_CATALOGUE
 from server.schema import (
     BY_NAME,
     COLUMN_NAMES,
@@ -642,6 +643,7 @@ def train(data: Path | None = None, *, rows: int = 100_000, seed: int = 42, mode
         "engineered": list(ENGINEERED),
         "features": list(MODEL_FEATURES),
         "policy": DECISION_POLICY,
+        "reason_catalogue": DEFAULT_CATALOGUE,
         "metrics": metrics,
         "training": {
             "source": source,

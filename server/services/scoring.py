@@ -12,7 +12,9 @@ import numpy as np
 
 from credscope.v1 import scoring_pb2, scoring_pb2_grpc
 from server import context as rc
-from server import metrics, tracing
+from server import input_signals, metrics, tracing
+from server.audit.records import audit_prediction
+from server.audit.writer import AuditWriter
 from server.cached_scoring import Caches, explain_rows, score_rows
 from server.convert import (
     applicant_to_row,
@@ -22,7 +24,7 @@ from server.convert import (
     rows_to_matrix,
     timestamp,
 )
-from server.errors import FailedPrecondition, InvalidArgument, Unimplemented, Violation
+from server.errors import FailedPrecondition, InvalidArgument, Violation
 from server.explain import ExplainError, Explanation
 from server.interceptors.request_id import REQUEST_ID_HELP, valid_request_id
 from server.model import list_versions, read_metadata
@@ -32,8 +34,10 @@ from server.portfolio_convert import (
     loan_parameters_from_proto,
     portfolio_of,
 )
+from server.reasons import adverse_reasons, needs_explanation
 from server.runtime import Runtime
 from server.scoring import Scorer
+from server.services.audit import explanation_of, report_outcome, result_of
 from server.settings import Settings
 
 
@@ -52,10 +56,12 @@ def _request_id(given: str, field: str = "request_id") -> str:
 
 
 class ScoringService(scoring_pb2_grpc.ScoringServiceServicer):
-    def __init__(self, runtime: Runtime, settings: Settings, caches: Caches | None = None) -> None:
+    def __init__(self, runtime: Runtime, settings: Settings, caches: Caches | None = None, *,
+                 audit: AuditWriter | None = None) -> None:
         self.runtime = runtime
         self.settings = settings
         self.caches = caches
+        self.audit = audit
         self._explain_pool = ThreadPoolExecutor(settings.model.explain_threads, thread_name_prefix="explain")
 
     async def _compute_explanations(self, scorer: Scorer, matrix: np.ndarray) -> list[Explanation]:
@@ -80,19 +86,26 @@ class ScoringService(scoring_pb2_grpc.ScoringServiceServicer):
             raise InvalidArgument("applicant is required", [Violation("applicant", "set the applicant to score")])
         row, violations = applicant_to_row(request.applicant)
         if violations:
+            input_signals.refused(violations)
             raise InvalidArgument(f"applicant has {len(violations)} invalid field(s)", violations)
         scorer = self.runtime.scorer
         top_k = explain_top_k(request.explain, len(scorer.model.features))
         matrix = rows_to_matrix([row])
+        input_signals.observe(scorer, matrix)
         [(result, from_cache)] = await score_rows(scorer, matrix, self.caches)
         response = scoring_pb2.ScoreResponse()
         fill_prediction(response, result, request_id, from_cache=from_cache)
         tracing.set_attributes(model_version=result.model_version, decision=result.decision, from_cache=from_cache)
+        full = None  # adverse decisions are explained for their reasons even when no explanation was asked
+        if top_k is not None or needs_explanation(scorer, result.decision):
+            full = (await self._explain(scorer, matrix))[0]
         if top_k is not None:
-            explanation = (await self._explain(scorer, matrix))[0].top(top_k)
-            fill_explanation(response.explanation, explanation)
+            fill_explanation(response.explanation, full.top(top_k))
+        codes = adverse_reasons(response.reasons, scorer, result, full)
         response.timestamp.CopyFrom(timestamp(time.time()))
         response.processing_time_ms = (time.perf_counter() - started) * 1000.0
+        audit_prediction(request_id, row, result, response.processing_time_ms, from_cache=response.from_cache,
+                         explanation=explanation_of(response), reason_codes=codes)
         return response
 
     async def BatchScore(self, request: scoring_pb2.BatchScoreRequest, context: grpc.aio.ServicerContext
@@ -117,6 +130,7 @@ class ScoringService(scoring_pb2_grpc.ScoringServiceServicer):
             row, violations = applicant_to_row(applicant, f"applicants[{i}]")
             result = response.results.add(index=i)
             if violations:
+                input_signals.refused(violations)
                 err = result.error
                 err.code = grpc.StatusCode.INVALID_ARGUMENT.value[0]
                 err.message = f"applicant {i} has {len(violations)} invalid field(s)"
@@ -129,18 +143,29 @@ class ScoringService(scoring_pb2_grpc.ScoringServiceServicer):
         response.model_version = scorer.version
         metrics.prediction_error("invalid_argument", n - len(rows))
         matrix = rows_to_matrix(rows)
+        input_signals.observe(scorer, matrix)
         pairs = await score_rows(scorer, matrix, self.caches) if rows else []
         scored = [res for res, _ in pairs]
         tracing.set_attributes(model_version=scorer.version, batch_size=n,
                                from_cache=bool(pairs) and all(hit for _, hit in pairs))
         for i, (res, from_cache) in zip(positions, pairs, strict=True):
             fill_prediction(response.results[i].prediction, res, f"{request_id}/{i}", from_cache=from_cache)
-        if top_k is not None and rows:
-            for i, explanation in zip(positions, await self._explain(scorer, matrix), strict=True):
-                fill_explanation(response.results[i].prediction.explanation, explanation.top(top_k))
+        want = list(range(len(rows))) if top_k is not None else [
+            j for j, (res, _) in enumerate(pairs) if needs_explanation(scorer, res.decision)]
+        explained = dict(zip(want, await self._explain(scorer, matrix if len(want) == len(rows) else matrix[want]),
+                             strict=True)) if want else {}
+        codes = []
+        for j, (i, (res, _)) in enumerate(zip(positions, pairs, strict=True)):
+            if top_k is not None:
+                fill_explanation(response.results[i].prediction.explanation, explained[j].top(top_k))
+            codes.append(adverse_reasons(response.results[i].prediction.reasons, scorer, res, explained.get(j)))
         fill_portfolio(response.portfolio, portfolio_of(scored, loan))
         response.timestamp.CopyFrom(timestamp(time.time()))
         response.processing_time_ms = (time.perf_counter() - started) * 1000.0
+        for i, row, reason_codes in zip(positions, rows, codes, strict=True):
+            p = response.results[i].prediction
+            audit_prediction(p.request_id, row, result_of(p), response.processing_time_ms, from_cache=p.from_cache,
+                             explanation=explanation_of(p), reason_codes=reason_codes)
         return response
 
     async def GetModelInfo(self, request: scoring_pb2.GetModelInfoRequest, context: grpc.aio.ServicerContext
@@ -167,7 +192,7 @@ class ScoringService(scoring_pb2_grpc.ScoringServiceServicer):
 
     async def ReportOutcome(self, request: scoring_pb2.ReportOutcomeRequest, context: grpc.aio.ServicerContext
                             ) -> scoring_pb2.ReportOutcomeResponse:
-        raise Unimplemented("ReportOutcome needs the audit trail, which this server does not have yet")
+        return await report_outcome(self.audit, request)
 
 
 def _set_time(ts, iso: str | None) -> None:  # type: ignore[no-untyped-def]

@@ -1,0 +1,87 @@
+"""Input contract signals: per applicant field, how often a value is missing and how often it is out of
+range — early warnings (a partner stops sending a field, a unit changes) before PSI moves.
+
+Counters (rates come from PromQL, e.g. ``rate(credscope_input_missing_total[5m]) / ignoring(field)
+group_left rate(credscope_inputs_total[5m])``):
+
+* ``credscope_inputs_total``: applicants received by Score/BatchScore (accepted or refused);
+* ``credscope_input_missing_total{field}``: applicants without a value for the field (a required field
+  left unset counts here too, although the call is refused);
+* ``credscope_input_out_of_range_total{field}``: values refused by validation (outside the schema's range:
+  the call or the batch item answers INVALID_ARGUMENT) plus accepted values outside the range observed in
+  the serving model's training data (``metadata["reference"]["features"][field]`` ``min``/``max``).
+
+``field`` is the Home Credit column name (a bounded set). Counting is vectorised over the batch matrix
+(``np.isnan(m).sum(axis=0)``) and buffered like every worker metric (``server.metrics``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import numpy as np
+from prometheus_client import Counter
+
+from server import metrics
+from server.schema import BY_FIELD, COLUMN_NAMES, COLUMNS
+
+INPUTS = Counter("credscope_inputs_total", "Applicants received by Score and BatchScore (accepted or refused).")
+MISSING = Counter("credscope_input_missing_total", "Applicants without a value for a field, by field "
+                  "(Home Credit column name).", ["field"])
+OUT_OF_RANGE = Counter("credscope_input_out_of_range_total",
+                       "Values outside the schema's valid range (refused) or outside the range seen in the "
+                       "serving model's training data (accepted), by field.", ["field"])
+
+_bounds: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+
+
+def reference_bounds(metadata: Mapping[str, Any], version: str) -> tuple[np.ndarray, np.ndarray]:
+    """(low, high) float32 per input column from the model's reference profile (±inf when unknown)."""
+    found = _bounds.get(version)
+    if found is None:
+        profile = (metadata.get("reference") or {}).get("features") or {}
+        lo = np.full(len(COLUMNS), -np.inf, dtype=np.float32)
+        hi = np.full(len(COLUMNS), np.inf, dtype=np.float32)
+        for j, name in enumerate(COLUMN_NAMES):
+            entry = profile.get(name) or {}
+            if entry.get("kind") == "numeric" and "min" in entry and "max" in entry:
+                lo[j], hi[j] = np.float32(entry["min"]), np.float32(entry["max"])
+        if len(_bounds) > 64:
+            _bounds.clear()
+        found = _bounds[version] = (lo, hi)
+    return found
+
+
+def counts(matrix: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(missing, out of the reference range) counts per column of an encoded float32 matrix."""
+    missing = np.isnan(matrix).sum(axis=0)
+    out = ((matrix < lo) | (matrix > hi)).sum(axis=0)  # NaN compares False
+    return missing, out
+
+
+def observe(scorer: Any, matrix: np.ndarray) -> None:
+    """Count the accepted applicants of an encoded matrix [N, len(COLUMNS)]."""
+    n = len(matrix)
+    if n == 0:
+        return
+    lo, hi = reference_bounds(scorer.model.metadata, scorer.version)
+    missing, out = counts(matrix, lo, hi)
+    record = metrics._record  # noqa: SLF001 - the workers' buffered metric writes
+    record(INPUTS, n, metrics._INC)  # noqa: SLF001
+    for j in np.flatnonzero(missing):
+        record(metrics._child(MISSING, COLUMN_NAMES[j]), int(missing[j]), metrics._INC)  # noqa: SLF001
+    for j in np.flatnonzero(out):
+        record(metrics._child(OUT_OF_RANGE, COLUMN_NAMES[j]), int(out[j]), metrics._INC)  # noqa: SLF001
+
+
+def refused(violations: Iterable[Any]) -> None:
+    """Count one refused applicant from its field violations (``server.errors.Violation``: field paths like
+    ``applicant.amt_credit`` or ``applicants[3].amt_credit``)."""
+    metrics._record(INPUTS, 1, metrics._INC)  # noqa: SLF001
+    for v in violations:
+        column = BY_FIELD.get(v.field.rsplit(".", 1)[-1])
+        if column is None:
+            continue
+        metric = MISSING if v.description.startswith("is required") else OUT_OF_RANGE
+        metrics._record(metrics._child(metric, column.name), 1, metrics._INC)  # noqa: SLF001

@@ -1,0 +1,189 @@
+"""Adverse-action reasons: the principal reasons of a REVIEW or REJECT decision, as codes of a versioned
+catalogue with a plain-language text, ranked by how much their features raised the risk.
+
+The catalogue ships with the model: ``credscope-train`` writes :data:`DEFAULT_CATALOGUE` into the
+metadata of every version (``metadata["reason_catalogue"]``), so a version always gives the reasons it
+gave when it made a decision (see ``AdminService.ReplayDecision``). A model trained before the catalogue
+existed has none: the server falls back to :data:`DEFAULT_CATALOGUE` and logs it once per version.
+
+A reason's weight for an applicant is the sum of the *positive* SHAP values (log-odds pushed towards
+default) of the catalogue group's features, from the TreeSHAP explanation of the same trees. The reasons
+are the groups of positive weight, largest first (ties by code), at most :data:`MAX_REASONS`.
+
+Compliance note: the catalogue maps every model feature to a reason, including age and family status,
+which the Home Credit data holds; whether such a reason may be given (or the feature used at all) is a
+decision for the lender's compliance function, made in this catalogue.
+
+This module imports nothing from grpc.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from server.explain import Explanation
+
+log = logging.getLogger("credscope.reasons")
+
+MAX_REASONS = 4
+ADVERSE_DECISIONS = frozenset({"REVIEW", "REJECT"})
+
+DEFAULT_CATALOGUE: dict[str, Any] = {
+    "version": "2026-11-1",
+    "reasons": [
+        {"code": "EXT_SCORE_LOW", "text": "External credit bureau scores are low.",
+         "features": ["EXT_SOURCE_1", "EXT_SOURCE_2", "EXT_SOURCE_3", "EXT_SOURCE_MEAN", "EXT_SOURCE_MIN",
+                      "EXT_SOURCE_MAX", "EXT_SOURCE_PROD"]},
+        {"code": "PAYMENT_BURDEN_HIGH", "text": "The loan payments are high relative to income.",
+         "features": ["AMT_ANNUITY", "ANNUITY_TO_INCOME", "PAYMENT_RATE"]},
+        {"code": "HIGH_CREDIT_TO_INCOME", "text": "The amount of credit requested is high relative to income.",
+         "features": ["AMT_CREDIT", "CREDIT_TO_INCOME", "AMT_GOODS_PRICE", "CREDIT_TO_GOODS"]},
+        {"code": "INCOME_INSUFFICIENT", "text": "Income is insufficient for the amount of credit requested.",
+         "features": ["AMT_INCOME_TOTAL", "INCOME_PER_PERSON"]},
+        {"code": "SHORT_EMPLOYMENT", "text": "Length of employment is short.",
+         "features": ["DAYS_EMPLOYED", "DAYS_EMPLOYED_PERC", "EMPLOYED_YEARS"]},
+        {"code": "INCOME_TYPE", "text": "Type or source of income.", "features": ["NAME_INCOME_TYPE"]},
+        {"code": "APPLICANT_AGE", "text": "Age of the applicant, as a factor of the scoring model.",
+         "features": ["DAYS_BIRTH", "AGE_YEARS"]},
+        {"code": "RECENT_DETAILS_CHANGE",
+         "text": "Identity document, registration or phone number changed recently.",
+         "features": ["DAYS_REGISTRATION", "DAYS_ID_PUBLISH", "DAYS_LAST_PHONE_CHANGE"]},
+        {"code": "CREDIT_ENQUIRIES_HIGH", "text": "Number of recent credit bureau enquiries.",
+         "features": ["AMT_REQ_CREDIT_BUREAU_YEAR"]},
+        {"code": "SOCIAL_CIRCLE_DELINQUENCY", "text": "Delinquencies among the applicant's social circle.",
+         "features": ["OBS_30_CNT_SOCIAL_CIRCLE", "DEF_30_CNT_SOCIAL_CIRCLE"]},
+        {"code": "REGION_RISK", "text": "Risk rating of the region of residence.",
+         "features": ["REGION_RATING_CLIENT", "REGION_RATING_CLIENT_W_CITY", "REGION_POPULATION_RELATIVE"]},
+        {"code": "HOUSEHOLD_SIZE", "text": "Number of dependants in the household.",
+         "features": ["CNT_CHILDREN", "CNT_FAM_MEMBERS"]},
+        {"code": "FAMILY_STATUS", "text": "Family status, as a factor of the scoring model.",
+         "features": ["NAME_FAMILY_STATUS"]},
+        {"code": "HOUSING_SITUATION", "text": "Housing situation.",
+         "features": ["NAME_HOUSING_TYPE", "FLAG_OWN_REALTY"]},
+        {"code": "NO_VEHICLE_COLLATERAL", "text": "Vehicle ownership or age of the vehicle.",
+         "features": ["FLAG_OWN_CAR", "OWN_CAR_AGE"]},
+        {"code": "EDUCATION_LEVEL", "text": "Level of education.", "features": ["NAME_EDUCATION_TYPE"]},
+        {"code": "LOAN_PRODUCT", "text": "Type of loan product requested.", "features": ["NAME_CONTRACT_TYPE"]},
+    ],
+}
+"""The catalogue written into new models' metadata (every model feature belongs to exactly one reason)."""
+
+
+class CatalogueError(ValueError):
+    """A reason catalogue is malformed."""
+
+
+@dataclass(frozen=True)
+class Reason:
+    code: str
+    text: str
+
+
+@dataclass(frozen=True)
+class Catalogue:
+    """A versioned mapping of model features to reason codes."""
+
+    version: str
+    reasons: tuple[Reason, ...]
+    group_of: Mapping[str, int]
+    """Feature name -> index of its reason in ``reasons``."""
+    embedded: bool = True
+    """False when the model had no catalogue and this is the server's default."""
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], *, embedded: bool = True) -> Catalogue:
+        try:
+            version = str(data["version"])
+            reasons, group_of = [], {}
+            for i, entry in enumerate(data["reasons"]):
+                reasons.append(Reason(str(entry["code"]), str(entry["text"])))
+                for feature in entry["features"]:
+                    if feature in group_of:
+                        raise CatalogueError(f"feature {feature} is in two reasons of catalogue {version}")
+                    group_of[str(feature)] = i
+        except (KeyError, TypeError) as e:
+            raise CatalogueError(f"malformed reason catalogue: {e!r}") from e
+        if len({r.code for r in reasons}) != len(reasons):
+            raise CatalogueError(f"catalogue {version} repeats a code")
+        return cls(version, tuple(reasons), group_of, embedded)
+
+    def weights(self, explanation: Explanation) -> list[float]:
+        """Sum of the positive SHAP values of each reason's features (aligned with ``reasons``)."""
+        out = [0.0] * len(self.reasons)
+        group_of = self.group_of
+        for c in explanation.contributions:
+            if c.shap_value > 0:
+                g = group_of.get(c.feature)
+                if g is not None:
+                    out[g] += c.shap_value
+        return out
+
+    def reasons_for(self, explanation: Explanation, limit: int = MAX_REASONS) -> list[Reason]:
+        """The principal reasons: reasons of positive weight, largest first (ties by code), at most ``limit``."""
+        weights = self.weights(explanation)
+        ranked = sorted((i for i, w in enumerate(weights) if w > 0), key=lambda i: (-weights[i], self.reasons[i].code))
+        return [self.reasons[i] for i in ranked[:limit]]
+
+
+DEFAULT = Catalogue.from_dict(DEFAULT_CATALOGUE, embedded=False)
+_by_version: dict[str, Catalogue] = {}
+
+
+def catalogue_of(metadata: Mapping[str, Any], version: str = "") -> Catalogue:
+    """The catalogue a model version ships with (cached per version); the default when it has none (or a
+    malformed one), logged once per version."""
+    key = version or str(metadata.get("version", ""))
+    found = _by_version.get(key)
+    if found is not None:
+        return found
+    data = metadata.get("reason_catalogue")
+    if data is None:
+        log.warning("model %s has no reason catalogue in its metadata; adverse-action reasons use the "
+                    "server's default catalogue %s (retrain with this credscope-train to embed one)", key,
+                    DEFAULT.version)
+        found = DEFAULT
+    else:
+        try:
+            found = Catalogue.from_dict(data)
+        except CatalogueError as e:
+            log.error("model %s: %s; adverse-action reasons use the default catalogue %s", key, e, DEFAULT.version)
+            found = DEFAULT
+    if len(_by_version) > 64:
+        _by_version.clear()
+    _by_version[key] = found
+    return found
+
+
+def is_adverse(decision: str) -> bool:
+    return decision in ADVERSE_DECISIONS
+
+
+def codes(reasons: Iterable[Reason]) -> list[str]:
+    return [r.code for r in reasons]
+
+
+def fill_reasons(repeated: Any, reasons: Sequence[Reason]) -> None:
+    """Append ``AdverseActionReason`` messages to a repeated field."""
+    for r in reasons:
+        repeated.add(code=r.code, text=r.text)
+
+
+def adverse_reasons(repeated: Any, scorer: Any, result: Any, explanation: Explanation | None) -> list[str] | None:
+    """Fill the reasons of one scored applicant (``repeated``: a ``reasons`` field) and return their codes
+    for the audit row: ``[]`` for an approval, None when the decision is adverse but the model cannot be
+    explained (no reasons could be computed)."""
+    if not is_adverse(result.decision):
+        return []
+    if explanation is None:
+        return None
+    reasons = catalogue_of(scorer.model.metadata, scorer.version).reasons_for(explanation)
+    fill_reasons(repeated, reasons)
+    return codes(reasons)
+
+
+def needs_explanation(scorer: Any, decision: str) -> bool:
+    """Whether an applicant needs an explanation for its reasons (adverse, and the model can explain)."""
+    return decision in ADVERSE_DECISIONS and getattr(scorer, "explainer", None) is not None
