@@ -48,8 +48,6 @@ def tolerant(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], A
 class AroundInterceptor(grpc.aio.ServerInterceptor):
     """Base class: override :meth:`around`; :meth:`applies` filters methods."""
 
-    _wrapped_handlers: dict[str, tuple[Any, Any]] | None = None
-
     def applies(self, method: str) -> bool:
         return not is_infra(method)
 
@@ -62,24 +60,8 @@ class AroundInterceptor(grpc.aio.ServerInterceptor):
 
     async def intercept_service(self, continuation, handler_call_details):  # type: ignore[no-untyped-def]
         handler = await continuation(handler_call_details)
-        if handler is None:
-            return None
-        # grpc.aio asks every interceptor for the handler on every call; the wrapped handler of a method
-        # is built once and reused while the inner handler is the same object (the servicer's is; so is
-        # every AroundInterceptor's, so the whole chain is built once per method).
         method = handler_call_details.method
-        cache = self._wrapped_handlers
-        if cache is None:  # per instance (subclasses need not call __init__)
-            cache = self._wrapped_handlers = {}
-        hit = cache.get(method)
-        if hit is not None and hit[0] is handler:
-            return hit[1]
-        wrapped = self._wrap(method, handler)
-        cache[method] = (handler, wrapped)
-        return wrapped
-
-    def _wrap(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
-        if handler.unary_unary is None or not self.applies(method):
+        if handler is None or handler.unary_unary is None or not self.applies(method):
             return handler
         # The inner handler of a method is the same object call after call: wrap it once, not per call.
         cache: dict[str, tuple[Any, Any]] = self.__dict__.setdefault("_wrapped", {})
