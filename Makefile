@@ -65,5 +65,20 @@ lint: install-dev buf-lint  ## ruff and buf lint
 
 ci: lint proto-check test  ## what .ci/run does
 
+# MLServer (the bench's peer) lives in its own virtualenv: its dependencies conflict with ours. If it
+# cannot be installed the bench still runs and reports the MLServer rows as skipped, with the reason.
+# scikit-learn is the version the pickled pipeline was made with; uvloop<0.22 because MLServer 1.7.1's
+# inference workers (parallel_workers >= 1) call asyncio.get_event_loop(), which uvloop 0.22+ refuses.
+BENCH_VENV ?= .venv-bench
+$(BENCH_VENV)/.installed:
+	$(PYTHON) -m venv $(BENCH_VENV)
+	$(BENCH_VENV)/bin/pip install -q --upgrade pip
+	$(BENCH_VENV)/bin/pip install -q mlserver==1.7.1 mlserver-sklearn==1.7.1 scikit-learn==1.9.1 lightgbm==4.7.0 uvloop==0.21.0 \
+		|| echo "make bench: MLServer could not be installed in $(BENCH_VENV); the bench will skip it"
+	touch $@
+
+bench: install model $(BENCH_VENV)/.installed  ## benchmark vs an echo server and MLServer (BENCH_ARGS="--help")
+	$(VENV)/bin/credscope-bench --model-dir $(MODEL_DIR) --mlserver-venv $(BENCH_VENV) $(BENCH_ARGS)
+
 clean:  ## remove the virtualenv and build leftovers
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) $(BENCH_VENV) build *.egg-info

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import sys
 from typing import Any
 
 import numpy as np
@@ -28,37 +29,62 @@ def _spec(col: Column) -> tuple[str, str, bool, Column]:
 
 _SPECS = tuple(_spec(c) for c in COLUMNS)
 NAN = math.nan
+_BIG = sys.float_info.max
+
+
+def _fast_range(col: Column) -> tuple[float, float]:
+    """A range inside which every value is valid for ``col`` (finite, within bounds): the common case
+    takes one chained comparison; anything outside (NaN, infinities, special codes, errors) goes to
+    :meth:`Column.check`, which has the last word and the message."""
+    if col.kind == "categorical":
+        return 0.0, float(len(col.categories) - 1)
+    if col.kind == "flag":
+        return 0.0, 1.0
+    lo = -_BIG if col.minimum is None else float(col.minimum)
+    if col.minimum is not None and col.exclusive_minimum:
+        lo = math.nextafter(lo, math.inf)
+    return lo, _BIG if col.maximum is None else float(col.maximum)
+
+
+#: field descriptor -> (column index, categorical?, implicit-presence number?, fast range low, high, column)
+_BY_FIELD = {applicant_pb2.Applicant.DESCRIPTOR.fields_by_name[field]: (
+    i, kind == "categorical", not has_presence and kind != "categorical", *_fast_range(col), col)
+    for i, (field, kind, has_presence, col) in enumerate(_SPECS)}
+#: Required columns without field presence: their zero value means "missing".
+_REQUIRED_IMPLICIT = tuple((i, field, col) for i, (field, kind, has_presence, col) in enumerate(_SPECS)
+                           if not has_presence and kind != "categorical" and col.required)
+_MISSING_ROW = [NAN] * len(COLUMNS)
 
 
 def applicant_to_row(applicant: applicant_pb2.Applicant, path: str = "applicant") -> tuple[list[float], list[Violation]]:
-    """Encode an applicant as the model's raw input row (NaN for missing) and list every invalid field."""
-    row: list[float] = []
-    violations: list[Violation] = []
-    for field, kind, has_presence, col in _SPECS:
-        if has_presence:
-            if not applicant.HasField(field):
-                row.append(NAN)
-                continue
-            value = float(getattr(applicant, field))
-        else:
-            raw = getattr(applicant, field)
-            if kind == "categorical":
-                if raw == 0:
-                    row.append(NAN)
-                    continue
-                value = float(raw - 1)
-            elif raw == 0:
-                if col.required:
-                    violations.append(Violation(f"{path}.{field}", f"is required: {col.description}"))
-                row.append(NAN)
-                continue
-            else:
-                value = float(raw)
-        problem = col.check(value)
-        if problem:
-            violations.append(Violation(f"{path}.{field}", problem))
-        row.append(value)
-    return row, violations
+    """Encode an applicant as the model's raw input row (NaN for missing) and list every invalid field.
+
+    Walks only the fields that are set (``ListFields``, one C call) over a row of NaN: unset optional
+    fields and enums at ``*_UNSPECIFIED`` stay missing; a required field at its zero value is missing
+    and reported. Violations come in schema order."""
+    row = _MISSING_ROW.copy()
+    bad: list[tuple[int, Violation]] | None = None
+    for fd, raw in applicant.ListFields():
+        i, categorical, implicit, lo, hi, col = _BY_FIELD[fd]
+        if implicit and raw == 0:  # -0.0: proto3 may send it, but it is the zero value (missing)
+            continue
+        value = float(raw - 1) if categorical else float(raw)
+        if not lo <= value <= hi:
+            problem = col.check(value)
+            if problem:
+                if bad is None:
+                    bad = []
+                bad.append((i, Violation(f"{path}.{fd.name}", problem)))
+        row[i] = value
+    for i, field, col in _REQUIRED_IMPLICIT:
+        if getattr(applicant, field) == 0:
+            if bad is None:
+                bad = []
+            bad.append((i, Violation(f"{path}.{field}", f"is required: {col.description}")))
+    if bad is None:
+        return row, []
+    bad.sort(key=lambda t: t[0])
+    return row, [v for _, v in bad]
 
 
 def timestamp(now: float) -> timestamp_pb2.Timestamp:

@@ -14,6 +14,7 @@ import argparse
 import asyncio
 import sqlite3
 import sys
+import time
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -64,11 +65,25 @@ def migrations(kind: Dialect) -> list[Migration]:
     return out
 
 
+def _set_wal(conn: sqlite3.Connection, wait: float = 30.0) -> None:
+    """``PRAGMA journal_mode=WAL``, retried: when worker processes open a new database at the same moment,
+    SQLite answers the switch "database is locked" at once, without calling the busy handler."""
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            conn.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as e:
+            if "locked" not in str(e) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.02)
+
+
 def connect_sqlite(path: Path) -> sqlite3.Connection:
     """A SQLite connection set up for several processes: WAL, a busy timeout, foreign keys."""
     path.parent.mkdir(parents=True, exist_ok=True)
     conn = sqlite3.connect(path, timeout=30, isolation_level=None, check_same_thread=False)
-    conn.execute("PRAGMA journal_mode=WAL")
+    _set_wal(conn)
     conn.execute("PRAGMA synchronous=NORMAL")
     conn.execute("PRAGMA foreign_keys=ON")
     conn.execute("PRAGMA busy_timeout=30000")

@@ -9,10 +9,12 @@ import logging
 import os
 import signal
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from server.model import ModelNotFoundError
 from server.settings import Settings
+from server.workers import run_workers
 
 log = logging.getLogger("credscope.server")
 
@@ -29,7 +31,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--log-level", help="DEBUG, INFO, WARNING or ERROR (default INFO)")
     p.add_argument("--metrics-dir", type=Path,
                    help="prometheus multiprocess directory that credscope-telemetry serves (default: none)")
-    return p.parse_args(argv)
+    p.add_argument("--workers", type=int, help="worker processes sharing the port (default: the host's cores; "
+                   "1 serves in this process)")
+    args = p.parse_args(argv)
+    if args.workers is not None and not 1 <= args.workers <= 64:
+        p.error("--workers must be between 1 and 64")
+    return args
 
 
 def build_settings(args: argparse.Namespace) -> Settings:
@@ -46,6 +53,8 @@ def build_settings(args: argparse.Namespace) -> Settings:
         settings.log_level = args.log_level.upper()
     if args.metrics_dir:
         settings.telemetry.metrics_dir = args.metrics_dir
+    if args.workers is not None:
+        settings.server.workers = args.workers
     return settings
 
 
@@ -62,7 +71,7 @@ def prepare_metrics_dir(settings: Settings) -> None:
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir.resolve())
 
 
-async def serve(settings: Settings) -> None:
+async def serve(settings: Settings, on_ready: Callable[[int, str], None] | None = None) -> None:
     from server import metrics, tracing
     from server.app import CredScopeServer
 
@@ -75,8 +84,11 @@ async def serve(settings: Settings) -> None:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stopping.set)
         await server.start()
-        print(f"CredScope listening on {settings.server.host}:{server.port} "
-              f"(model {server.runtime.scorer.version}); Ctrl-C or SIGTERM stops it", flush=True)
+        if on_ready is not None:  # a worker process: the parent prints the listening line once
+            on_ready(server.port, server.runtime.scorer.version)
+        else:
+            print(f"CredScope listening on {settings.server.host}:{server.port} "
+                  f"(model {server.runtime.scorer.version}); Ctrl-C or SIGTERM stops it", flush=True)
         await stopping.wait()
         log.info("shutting down: finishing calls in flight (grace %.1fs)", settings.server.grace_seconds)
         await server.stop()
@@ -90,13 +102,10 @@ async def serve(settings: Settings) -> None:
     log.info("stopped")
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    settings = build_settings(args)
-    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    prepare_metrics_dir(settings)
+def run(settings: Settings, on_ready: Callable[[int, str], None] | None = None) -> int:
+    """Serve in this process until SIGTERM/SIGINT; the exit status."""
     try:
-        asyncio.run(serve(settings))
+        asyncio.run(serve(settings, on_ready))
     except ModelNotFoundError as e:
         print(f"credscope-server: {e}", file=sys.stderr)
         return 2
@@ -104,6 +113,35 @@ def main(argv: list[str] | None = None) -> int:
         print(f"credscope-server: {e}", file=sys.stderr)
         return 1
     return 0
+
+
+def _forget_worker(settings: Settings) -> Callable[[int], None] | None:
+    """Drop a stopped worker's live gauges from the metrics directory (a SIGKILLed one cannot itself)."""
+    metrics_dir = settings.telemetry.metrics_dir
+    if metrics_dir is None:
+        return None
+
+    def forget(pid: int) -> None:
+        # prometheus-client itself, not server.metrics: importing that would make the parent a metrics writer
+        from prometheus_client import multiprocess
+
+        multiprocess.mark_process_dead(pid, str(metrics_dir))
+
+    return forget
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    settings = build_settings(args)
+    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    prepare_metrics_dir(settings)  # before the workers fork: each inherits PROMETHEUS_MULTIPROC_DIR
+    if settings.server.workers > 1:
+        try:
+            return run_workers(settings, run, on_exit=_forget_worker(settings))
+        except OSError as e:
+            print(f"credscope-server: {e}", file=sys.stderr)
+            return 1
+    return run(settings)
 
 
 if __name__ == "__main__":

@@ -115,6 +115,9 @@ class ModelArtifact:
     proba_output: str = "probabilities"
     proba_column: int = 1
     features_output: str | None = "features"
+    batch_session: ort.InferenceSession | None = field(default=None, repr=False)
+    """A session with more intra-op threads for matrices of ``batch_rows`` rows or more (None: ``session``)."""
+    batch_rows: int = 128
     onnx_bytes: bytes | None = field(default=None, repr=False)
     """The verified bytes of ``model.onnx`` (what the version hashes), e.g. to read its trees for explanations."""
 
@@ -149,7 +152,9 @@ class ModelArtifact:
 
     def predict_proba(self, x: np.ndarray) -> np.ndarray:
         """P(default) for each row of ``x`` (float32 ``[N, len(COLUMNS)]``, NaN = missing) as float64 ``[N]``."""
-        out = self.session.run([self.proba_output], {self.input_name: self._check(x)})[0]
+        x = self._check(x)
+        session = self.batch_session if self.batch_session is not None and len(x) >= self.batch_rows else self.session
+        out = session.run([self.proba_output], {self.input_name: x})[0]
         return out[:, self.proba_column].astype(np.float64)
 
     def transform(self, x: np.ndarray) -> np.ndarray:
@@ -172,8 +177,8 @@ def _session_options(intra_op_threads: int, inter_op_threads: int) -> ort.Sessio
     options.inter_op_num_threads = inter_op_threads
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    if intra_op_threads == 1:
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    # No spinning: idle pool threads would burn the cores the other workers need.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return options
 
 
@@ -206,12 +211,17 @@ def _check_metadata(meta: dict[str, Any], version: str, session: ort.InferenceSe
 
 
 def load_model(model_dir: Path, version: str | None = None, *, intra_op_threads: int = 1,
-               inter_op_threads: int = 1, providers: Sequence[str] = ("CPUExecutionProvider",)) -> ModelArtifact:
+               inter_op_threads: int = 1, providers: Sequence[str] = ("CPUExecutionProvider",),
+               batch_intra_op_threads: int = 1) -> ModelArtifact:
     """Load ``version`` (default: the ACTIVE one) from the store and open an onnxruntime session.
 
     The session is tuned for low single-row latency on a small host: ``intra_op_threads`` and
     ``inter_op_threads`` (default 1 each, one worker process per core does the parallelism),
-    sequential execution, all graph optimisations.
+    sequential execution, all graph optimisations, no spinning threads. With
+    ``batch_intra_op_threads`` != ``intra_op_threads`` a second session scores matrices of
+    ``ModelArtifact.batch_rows`` rows or more (BatchScore) on that many threads: a batch of 1,000 takes
+    ~9 ms on one thread and ~6 ms on two here; its probabilities may differ from the one-thread
+    session's in the last float32 bit (summation order).
 
     Raises :class:`ModelNotFoundError` when there is no model (the message says how to train one) and
     :class:`ModelIntegrityError` when the ONNX bytes do not hash to the version or the metadata does
@@ -244,6 +254,10 @@ def load_model(model_dir: Path, version: str | None = None, *, intra_op_threads:
     except Exception as exc:  # onnxruntime raises its own exception types
         raise ModelIntegrityError(f"{onnx_file}: onnxruntime cannot load it: {exc}") from exc
     onnx_meta = _check_metadata(meta, version, session)
+    batch_session = None
+    if batch_intra_op_threads != intra_op_threads:  # large matrices (BatchScore) on more threads
+        batch_session = ort.InferenceSession(onnx_bytes, _session_options(batch_intra_op_threads, inter_op_threads),
+                                             providers=list(providers))
     outputs = {o.name for o in session.get_outputs()}
     features_output = onnx_meta.get("features_output_name", "features")
     return ModelArtifact(
@@ -255,6 +269,7 @@ def load_model(model_dir: Path, version: str | None = None, *, intra_op_threads:
         proba_output=onnx_meta.get("output_name", "probabilities"),
         proba_column=int(onnx_meta.get("probability_column", 1)),
         features_output=features_output if features_output in outputs else None,
+        batch_session=batch_session,
         onnx_bytes=onnx_bytes,
     )
 

@@ -60,5 +60,19 @@ class Policy:
         risk = RISK_LEVELS[bisect.bisect_right(self.risk_upper_bounds, p)]
         return decision, risk, float(min(1.0, max(0.0, conf)))
 
+    def decide_array(self, probs: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """:meth:`decide` for a whole array at once (the same float64 arithmetic, so the same results):
+        indices into :data:`DECISIONS` and :data:`RISK_LEVELS`, and the confidences."""
+        p = np.asarray(probs, dtype=np.float64)
+        a, r = self.approve_below, self.review_below
+        approve, review = p < a, (p >= a) & (p < r)
+        decision = np.where(approve, 0, np.where(review, 1, 2))
+        with np.errstate(invalid="ignore"):
+            conf = np.where(approve, (a - p) / a,
+                            np.where(review, np.minimum(p - a, r - p) / ((r - a) / 2), (p - r) / (1 - r)))
+        conf = np.fmin(1.0, np.fmax(0.0, conf))  # fmax/fmin: NaN -> 0.0, as min(1, max(0, nan)) does
+        risk = np.searchsorted(np.asarray(self.risk_upper_bounds), p, side="right")
+        return decision, risk, conf
+
     def decide_many(self, probs: np.ndarray) -> list[tuple[str, str, float]]:
         return [self.decide(float(p)) for p in probs]

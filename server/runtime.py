@@ -48,7 +48,8 @@ class Runtime:
 
     def _load(self, version: str | None) -> Scorer:
         model = load_model(self.settings.model.model_dir, version,
-                           intra_op_threads=self.settings.model.intra_op_threads)
+                           intra_op_threads=self.settings.model.intra_op_threads,
+                           batch_intra_op_threads=self.settings.model.batch_intra_op_threads)
         scorer = Scorer(model)
         model.predict_proba(np.full((1, len(COLUMNS)), math.nan, dtype=np.float32))  # warm up (not a prediction)
         return scorer

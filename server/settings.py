@@ -13,13 +13,16 @@ from typing import Literal
 from pydantic import AliasChoices, BaseModel, Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from server.workers import default_workers
+
 
 class ServerSettings(BaseModel):
     """Transport and process settings."""
 
     host: str = Field("127.0.0.1", description="Address to listen on ('0.0.0.0' or '[::]' for all interfaces).")
     port: int = Field(50051, ge=0, le=65535, description="gRPC port; 0 picks a free one.")
-    workers: int = Field(1, ge=1, le=64, description="Worker processes sharing the port (SO_REUSEPORT).")
+    workers: int = Field(default_factory=default_workers, ge=1, le=64,
+                         description="Worker processes sharing the port (SO_REUSEPORT); default: the host's cores.")
     max_message_bytes: int = Field(16 * 1024 * 1024, ge=1024,
                                    description="Largest request or response message accepted, in bytes.")
     max_batch_size: int = Field(1000, ge=1, le=100_000, description="Most applicants in one BatchScore call.")
@@ -35,6 +38,8 @@ class ModelSettings(BaseModel):
     model_dir: Path = Field(Path("models"), description="Model store: <dir>/<version>/model.onnx + ACTIVE file.")
     version: str | None = Field(None, description="Version to serve; the store's ACTIVE one when unset.")
     intra_op_threads: int = Field(1, ge=0, description="onnxruntime intra-op threads (0 = onnxruntime's choice).")
+    batch_intra_op_threads: int = Field(2, ge=0, description="onnxruntime intra-op threads for matrices of 128+ "
+                                        "rows (BatchScore): a second session; equal to intra_op_threads = none.")
     explain_threads: int = Field(1, ge=1, le=64, description="Threads per worker computing SHAP explanations, "
                                  "off the event loop (the TreeSHAP kernel releases the GIL).")
     watch_seconds: float = Field(2.0, ge=0, description="How often workers check the store's ACTIVE file and "

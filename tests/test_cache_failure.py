@@ -128,7 +128,7 @@ def test_server_with_a_dead_redis_serves_uncached(model_dir: Path, tmp_path: Pat
     sp = start_server(model_dir, cwd=tmp_path, env={
         "CREDSCOPE_AUTH__ALLOW_ANONYMOUS": "true", "CREDSCOPE_RATE_LIMIT__FREE_PER_HOUR": "1000000",
         "CREDSCOPE_REDIS_URL": f"redis://127.0.0.1:{free_port()}/0",
-        "CREDSCOPE_CACHE__RETRY_SECONDS": "0.05"})
+        "CREDSCOPE_CACHE__RETRY_SECONDS": "0.05"}, args=["--workers", "1"])  # one process: one log line
     try:
         a = applicant_from_mapping(BASE)
         with CredScopeClient(sp.target, timeout=10) as c, \

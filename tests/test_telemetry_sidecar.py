@@ -59,7 +59,7 @@ def stack(model, model_dir, tmp_path_factory):  # type: ignore[no-untyped-def]
     env = {"CREDSCOPE_AUTH__ALLOW_ANONYMOUS": "true", "CREDSCOPE_TELEMETRY__METRICS_DIR": str(metrics_dir),
            "CREDSCOPE_TELEMETRY__PROCESS_SAMPLE_SECONDS": "0.5", "CREDSCOPE_RATE_LIMIT__FREE_PER_HOUR": "10000000",
            "CREDSCOPE_RATE_LIMIT__PRO_PER_HOUR": "2"}
-    workers = [start_server(model_dir, cwd=work, env=env) for _ in range(2)]
+    workers = [start_server(model_dir, cwd=work, env=env, args=["--workers", "1"]) for _ in range(2)]
     sidecar = start_sidecar(["--metrics-dir", str(metrics_dir), "--audit-url", audit_url, "--model-dir",
                              str(model_dir), "--out", str(work / "reports")],
                             env={"CREDSCOPE_TELEMETRY__PERFORMANCE_MIN_OUTCOMES": "50"})

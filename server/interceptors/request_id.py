@@ -1,7 +1,8 @@
 """Outermost interceptor: gives every call a request id and turns errors into rich statuses.
 
 The request id is the caller's ``x-request-id`` metadata (validated) or a new UUID; it is returned in
-the ``x-request-id`` response metadata, set in the :mod:`server.context` for the inner interceptors,
+the ``x-request-id`` trailing metadata (with the rest of ``RequestContext.response_metadata``, e.g. the
+rate-limit state, on success and on error alike), set in the :mod:`server.context` for the inner interceptors,
 the servicers, the logs and the audit. Errors raised as :class:`~server.errors.CredScopeError` become
 their rich status; anything else is logged with the request id and becomes INTERNAL, leaking nothing.
 """
@@ -62,7 +63,9 @@ class RequestIdInterceptor(AroundInterceptor):
                 raise InvalidArgument(f"the request is not a valid {method.rsplit('/', 1)[-1]}Request protobuf "
                                       "message; send it with the generated stubs of credscope.v1")
             response = await behavior(request, context)
-            await context.send_initial_metadata(tuple(ctx.response_metadata.items()))
+            # Trailers, not headers: they travel with the status in the call's last batch, while an explicit
+            # send_initial_metadata is one more batch through gRPC core (~70 us of server CPU per call here).
+            context.set_trailing_metadata(tuple(ctx.response_metadata.items()))
             return response
         except AbortError:
             raise

@@ -1,0 +1,102 @@
+"""The bench harness (``credscope-bench``): its load generator against a real echo server, its request
+pools, its key parsing, and one short end-to-end run (bounded: a few hundred calls)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from credscope.v1 import scoring_pb2
+from tests.helpers import ROOT
+from tools.bench import (
+    Applicants,
+    base_env,
+    batch_requests,
+    parse_key,
+    score_requests,
+    start_process,
+    tree_cpu,
+)
+from tools.bench_load import LoadSpec, run_load
+from tools.bench_peers import ECHO_METHOD
+
+
+def test_bench_help() -> None:
+    out = subprocess.run([sys.executable, "-m", "tools.bench", "--help"], capture_output=True, text=True, timeout=60,
+                         cwd=ROOT)
+    assert out.returncode == 0 and "MLServer" in out.stdout and "--concurrency" in out.stdout
+    peers = subprocess.run([sys.executable, "-m", "tools.bench_peers", "--help"], capture_output=True, text=True,
+                           timeout=60, cwd=ROOT)
+    assert peers.returncode == 0 and "echo" in peers.stdout
+
+
+def test_parse_key_reads_the_key_tools_print() -> None:
+    key = "csk_" + "a1B2" * 10
+    assert parse_key(key + "\n") == key
+    assert parse_key(json.dumps({"key_id": "k1", "key": key})) == key
+    assert parse_key(f"created\nkey: {key}\n") == key
+    assert parse_key("no key here") is None
+
+
+def test_applicants_are_valid_and_never_repeat() -> None:
+    pool = Applicants(base=50)
+    taken = pool.take(400)  # 8 rounds over the base pool
+    payloads = score_requests(taken)
+    assert len(set(payloads)) == 400
+    more = score_requests(pool.take(100))
+    assert not set(more) & set(payloads)
+    from server.convert import applicant_to_row
+
+    assert all(not applicant_to_row(a)[1] for a in taken)
+    batches = batch_requests(taken, 100)
+    assert len(batches) == 4 and len(scoring_pb2.BatchScoreRequest.FromString(batches[0]).applicants) == 100
+
+
+def test_load_generator_is_bounded_by_count_and_by_time(tmp_path: Path) -> None:
+    server = start_process([sys.executable, "-m", "tools.bench_peers", "echo", "--port", "0", "--workers", "2"],
+                           base_env(), tmp_path, tmp_path / "echo.log", timeout=60)
+    try:
+        payloads = [f"request {i}".encode() for i in range(300)]
+        started: list[float] = []
+        res = run_load(LoadSpec(target=server.target, method=ECHO_METHOD, payloads=payloads, unique=True,
+                                concurrency=4, processes=2, duration=30, warmup=0.1),
+                       on_start=lambda: started.append(tree_cpu(server.proc.pid)))
+        assert res.requests == 300 and res.errors == 0  # every unique payload once, then it stops
+        assert 0 < res.p50 <= res.p90 <= res.p99 <= res.max and res.rps > 0
+        assert started and tree_cpu(server.proc.pid) >= started[0]
+        timed = run_load(LoadSpec(target=server.target, method=ECHO_METHOD, payloads=payloads[:10], concurrency=2,
+                                  processes=1, duration=0.5, warmup=0, max_requests=10**9))
+        assert timed.requests > 10 and timed.seconds < 3  # cycles the payloads, stops on time
+        failing = run_load(LoadSpec(target=server.target, method="/credscope.bench.EchoService/Nope",
+                                    payloads=payloads[:5], unique=True, concurrency=1, processes=1, duration=5,
+                                    warmup=0))
+        assert failing.requests == 0 and failing.error_codes == {"UNIMPLEMENTED": 5}
+    finally:
+        assert server.stop() == 0
+
+
+def test_a_short_bench_run_end_to_end(model_dir: Path, tmp_path: Path) -> None:
+    out_json = tmp_path / "bench.json"
+    out = subprocess.run(
+        [sys.executable, "-m", "tools.bench", "--model-dir", str(model_dir), "--configs", "embedded",
+         "--scenarios", "score-miss,score-hit,batch-100", "--concurrency", "2", "--batch-concurrency", "1",
+         "--moderate", "2", "--duration", "0.5", "--warmup", "0.1", "--requests", "200", "--batch-applicants", "500",
+         "--no-mlserver", "--workers", "2", "--processes", "1", "--rounds", "2", "--out", str(out_json)],
+        capture_output=True, text=True, timeout=240, cwd=tmp_path, env={**base_env(), "PYTHONPATH": str(ROOT)})
+    assert out.returncode == 0, out.stderr[-2000:]
+    report = json.loads(out_json.read_text())
+    rows = {(r["system"], r["scenario"]): r for r in report["rows"]}
+    miss = rows[("credscope", "score-miss")]
+    assert miss["status"] == "ok" and miss["requests"] > 0 and miss["errors"] == 0 and miss["server_cpu_us"] > 0
+    assert rows[("credscope", "batch-100")]["requests"] > 0
+    echo = rows[("echo", "score-miss")]
+    assert echo["status"] == "ok" and len(echo["rounds"]) == 2 and "interleaved" in echo["note"]
+    assert len(miss["rounds"]) == 2  # CredScope and echo measured turn by turn
+    hit = rows[("credscope", "score-hit")]
+    assert hit["status"] == "ok" or hit["status"].startswith("skipped: feature not available")
+    assert report["ratios"]["score_vs_echo"] > 0
+    assert {t["target"] for t in report["targets"]} >= {"Score throughput >= 50% of the echo floor"}
+    assert "req/s" in out.stdout and "Score throughput" in out.stdout
+    assert out_json.with_suffix(".png").stat().st_size > 10_000

@@ -1,0 +1,217 @@
+"""The bench's load generator: several processes, each running grpc.aio calls with raw request bytes.
+
+Requests are serialized once, before the run (the generator sends bytes and reads bytes: no protobuf
+work on the client side), so the client's CPU goes to gRPC alone; that matters on a 2-core host where
+the generator and the server share the cores. Each process opens its own channels (a local subchannel
+pool, so each is its own TCP connection): SO_REUSEPORT spreads connections, not calls, over the
+server's workers.
+
+A run is bounded by time and by count: each process warms up for ``warmup`` seconds (results thrown
+away), waits for the others at a barrier, then calls until ``duration`` seconds have passed or it has
+sent its share of ``max_requests``. With ``unique=True`` every measured call sends a payload of its
+own (no payload is sent twice, so a cache cannot answer it) and the run also ends when they run out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import multiprocessing
+import os
+import time
+from array import array
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+__all__ = ["LoadResult", "LoadSpec", "run_load"]
+
+
+@dataclass
+class LoadSpec:
+    """What to send, to whom, how hard and for how long."""
+
+    target: str
+    method: str
+    """Full method path, e.g. ``/credscope.v1.ScoringService/Score``."""
+    payloads: list[bytes]
+    """Serialized requests for the measured phase (process ``p`` of ``P`` sends ``payloads[p::P]``)."""
+    warmup_payloads: list[bytes] | None = None
+    """Requests for the warm-up (default: ``payloads``)."""
+    unique: bool = False
+    """Send every measured payload at most once (cache-miss runs)."""
+    concurrency: int = 8
+    """Calls in flight at once, over all processes."""
+    processes: int = 2
+    channels_per_process: int = 2
+    duration: float = 3.0
+    warmup: float = 1.0
+    max_requests: int = 1_000_000
+    metadata: tuple[tuple[str, str], ...] = ()
+    timeout: float = 10.0
+    """Deadline of each call, in seconds."""
+
+
+@dataclass
+class LoadResult:
+    """What a run measured (latencies in milliseconds)."""
+
+    requests: int
+    errors: int
+    seconds: float
+    rps: float
+    p50: float
+    p90: float
+    p99: float
+    mean: float
+    max: float
+    error_codes: dict[str, int] = field(default_factory=dict)
+    first_error: str | None = None
+    concurrency: int = 0
+    processes: int = 0
+    server_cpu_us: float | None = None
+    """Server CPU time (all its processes) per measured call, in microseconds, when the caller measured it."""
+
+    def as_dict(self) -> dict[str, Any]:
+        return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in self.__dict__.items()}
+
+
+def _share(n: int, parts: int, index: int) -> int:
+    return n // parts + (1 if index < n % parts else 0)
+
+
+async def _drive(spec: LoadSpec, index: int, barrier: Any, started: Any) -> dict[str, Any]:
+    import grpc
+
+    procs = spec.processes
+    conc = max(1, _share(spec.concurrency, procs, index))
+    mine = spec.payloads[index::procs]
+    warm = (spec.warmup_payloads or spec.payloads)[index::procs] or mine
+    quota = _share(spec.max_requests, procs, index)
+    if spec.unique:
+        quota = min(quota, len(mine))
+    options = [("grpc.use_local_subchannel_pool", 1), ("grpc.max_receive_message_length", 64 << 20),
+               ("grpc.max_send_message_length", 64 << 20)]
+    channels = [grpc.aio.insecure_channel(spec.target, options=[*options, ("credscope.bench.channel", i)])
+                for i in range(max(1, spec.channels_per_process))]
+    calls = [ch.unary_unary(spec.method) for ch in channels]
+    md = spec.metadata or None
+    errors: Counter[str] = Counter()
+    first_error: list[str] = []
+    lat = array("d")
+    state = {"next": 0}
+
+    async def worker(slot: int, payloads: list[bytes], until: float, limit: int, record: bool) -> None:
+        call = calls[slot % len(calls)]
+        n = len(payloads)
+        while True:
+            i = state["next"]
+            if i >= limit or time.perf_counter() >= until:
+                return
+            state["next"] = i + 1
+            t0 = time.perf_counter()
+            try:
+                await call(payloads[i % n], timeout=spec.timeout, metadata=md)
+            except grpc.aio.AioRpcError as e:
+                if record:
+                    errors[e.code().name] += 1
+                    if not first_error:
+                        first_error.append(f"{e.code().name}: {e.details()}")
+                continue
+            if record:
+                lat.append(time.perf_counter() - t0)
+
+    try:
+        await asyncio.wait_for(asyncio.gather(*(ch.channel_ready() for ch in channels)), timeout=10)
+        if spec.warmup > 0 and warm:
+            state["next"] = 0
+            end = time.perf_counter() + spec.warmup
+            await asyncio.gather(*(worker(s, warm, end, 1 << 62, False) for s in range(conc)))
+        await asyncio.to_thread(barrier.wait, 60)
+        if index == 0:
+            started.put((index, {"started": True}))
+        state["next"] = 0
+        start = time.perf_counter()
+        await asyncio.gather(*(worker(s, mine, start + spec.duration, quota, True) for s in range(conc)))
+        stop = time.perf_counter()
+    finally:
+        await asyncio.gather(*(ch.close() for ch in channels))
+    return {"lat": lat.tobytes(), "errors": dict(errors), "first_error": first_error[0] if first_error else None,
+            "start": start, "stop": stop}
+
+
+def _process(spec: LoadSpec, index: int, barrier: Any, out: Any) -> None:
+    try:
+        out.put((index, asyncio.run(_drive(spec, index, barrier, out))))
+    except BaseException as e:  # noqa: BLE001 - reported to the parent, which fails the run
+        try:
+            barrier.abort()
+        finally:
+            out.put((index, {"fatal": f"{type(e).__name__}: {e}"}))
+
+
+def run_load(spec: LoadSpec, on_start: Callable[[], None] | None = None) -> LoadResult:
+    """Run ``spec`` with ``spec.processes`` processes; return the merged result. ``on_start`` is called
+    when the measured phase starts (after the warm-up), e.g. to read the server's CPU time."""
+    if not spec.payloads:
+        raise ValueError("no payloads to send")
+    ctx = multiprocessing.get_context("fork")  # the payload lists are shared copy-on-write
+    barrier = ctx.Barrier(spec.processes)
+    out = ctx.Queue()
+    procs = [ctx.Process(target=_process, args=(spec, i, barrier, out), name=f"bench-load-{i}", daemon=True)
+             for i in range(spec.processes)]
+    for p in procs:
+        p.start()
+    results: dict[int, dict[str, Any]] = {}
+    deadline = time.monotonic() + spec.warmup + spec.duration + spec.timeout + 90
+    try:
+        while len(results) < len(procs):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError("the load generator did not finish in time")
+            try:
+                index, res = out.get(timeout=min(left, 1.0))
+            except Exception:  # noqa: BLE001 - queue.Empty; check the processes are alive
+                dead = [p for p in procs if p.exitcode not in (None, 0)]
+                if dead:
+                    raise RuntimeError(f"load process {dead[0].name} died with status {dead[0].exitcode}") from None
+                continue
+            if "fatal" in res:
+                raise RuntimeError(f"load process {index} failed: {res['fatal']}")
+            if "started" in res:
+                if on_start is not None:
+                    on_start()
+                continue
+            results[index] = res
+    finally:
+        for p in procs:
+            p.join(5)
+            if p.exitcode is None:
+                p.kill()
+                p.join(5)
+    lat = np.concatenate([np.frombuffer(r["lat"], dtype=np.float64) for r in results.values()]) * 1000.0
+    errors: Counter[str] = Counter()
+    for r in results.values():
+        errors.update(r["errors"])
+    first = next((r["first_error"] for r in results.values() if r["first_error"]), None)
+    seconds = max(r["stop"] for r in results.values()) - min(r["start"] for r in results.values())
+    n = len(lat)
+
+    def pct(q: float) -> float:
+        return float(np.percentile(lat, q)) if n else math.nan
+
+    return LoadResult(requests=n, errors=sum(errors.values()), seconds=seconds,
+                      rps=n / seconds if seconds > 0 else math.nan, p50=pct(50), p90=pct(90), p99=pct(99),
+                      mean=float(lat.mean()) if n else math.nan, max=float(lat.max()) if n else math.nan,
+                      error_codes=dict(errors), first_error=first, concurrency=spec.concurrency,
+                      processes=spec.processes)
+
+
+def cpu_count() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
