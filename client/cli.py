@@ -101,11 +101,11 @@ def cmd_score(args: argparse.Namespace, client: CredScopeClient) -> int:
         print(json_format.MessageToJson(resp) if args.output == "json" else format_score(resp))
         return 0
     failures = 0
-    out = []
+    out: list[dict[str, Any]] = []
     total = len(applicants)
     for start, chunk in _chunks(applicants, args.batch_size):
-        resp = client.batch_score(chunk, explain=args.explain, top_k=args.top_k)
-        for result in resp.results:
+        batch = client.batch_score(chunk, explain=args.explain, top_k=args.top_k)
+        for result in batch.results:
             idx = start + result.index
             if result.HasField("error"):
                 failures += 1

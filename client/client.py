@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import grpc
 from google.rpc import error_details_pb2
@@ -69,7 +69,8 @@ class CredScopeRpcError(Exception):
                 if isinstance(v, str):
                     metadata[k] = v
         err = cls(code=code, message=message or "", metadata=metadata)
-        status = rpc_status.from_call(e) if hasattr(e, "trailing_metadata") else None
+        # sync errors are grpc.Call objects, grpc.aio's AioRpcError has the same trailing_metadata()
+        status = rpc_status.from_call(cast(grpc.Call, e)) if hasattr(e, "trailing_metadata") else None
         for detail in status.details if status else ():
             if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
                 info = error_details_pb2.ErrorInfo()

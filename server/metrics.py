@@ -181,9 +181,12 @@ def _child(metric: Any, *labels: str) -> Any:
 
 
 class _Prediction(Protocol):
-    probability: float
-    decision: str
-    risk_level: str
+    @property
+    def probability(self) -> float: ...
+    @property
+    def decision(self) -> str: ...
+    @property
+    def risk_level(self) -> str: ...
 
 
 def predictions(results: Sequence[_Prediction]) -> None:
