@@ -10,12 +10,14 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from credscope.v1 import admin_pb2, admin_pb2_grpc, scoring_pb2, scoring_pb2_grpc
-from server import db, tracing
+from server import db, tracing, transport
+from server.auth.throttle import FailedAuthThrottle
 from server.cached_scoring import open_caches
 from server.interceptors.auth import AuthInterceptor
 from server.interceptors.metrics import MetricsInterceptor
 from server.interceptors.ratelimit import RateLimitInterceptor
 from server.interceptors.request_id import RequestIdInterceptor
+from server.interceptors.throttle import AuthThrottleInterceptor
 from server.interceptors.tracing import TracingInterceptor
 from server.runtime import Runtime
 from server.security import Security
@@ -50,6 +52,7 @@ class CredScopeServer:
         self.caches = open_caches(settings.cache)
         self.health = health.aio.HealthServicer()
         self.security = Security(settings)
+        self.auth_throttle = FailedAuthThrottle.from_settings(settings.auth)
         self.server = grpc.aio.server(interceptors=self.interceptors(), options=server_options(settings))
         scoring_pb2_grpc.add_ScoringServiceServicer_to_server(ScoringService(self.runtime, settings, self.caches),
                                                               self.server)
@@ -65,7 +68,9 @@ class CredScopeServer:
         traced: list[grpc.aio.ServerInterceptor] = [TracingInterceptor()] if tracing.enabled() else []
         return [*traced, MetricsInterceptor(),
                 RequestIdInterceptor(accepting=lambda: not self.draining),
-                AuthInterceptor(self.security.verifier, allow_anonymous=self.settings.auth.allow_anonymous),
+                AuthThrottleInterceptor(self.auth_throttle),
+                AuthInterceptor(self.security.verifier, allow_anonymous=self.settings.auth.allow_anonymous,
+                                on_reject=self.auth_throttle.rejected),
                 RateLimitInterceptor(self.security.limiter, self.security.usage,
                                      max_batch=self.settings.server.max_batch_size)]
 
@@ -76,7 +81,10 @@ class CredScopeServer:
     async def start(self) -> int:
         """Bind, serve, load the model, then report SERVING. Returns the bound port."""
         s = self.settings.server
-        self.port = self.server.add_insecure_port(f"{s.host}:{s.port}")
+        credentials = transport.server_credentials(self.settings.tls)
+        address = f"{s.host}:{s.port}"
+        self.port = (self.server.add_secure_port(address, credentials) if credentials is not None
+                     else self.server.add_insecure_port(address))
         if self.port == 0:
             raise RuntimeError(f"could not bind {s.host}:{s.port}")
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
@@ -87,7 +95,8 @@ class CredScopeServer:
         await self._log_cache()
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         self._watch = asyncio.create_task(self.runtime.watch())
-        log.info("serving model %s on %s:%d", scorer.version, s.host, self.port)
+        log.info("serving model %s on %s:%d, %s", scorer.version, s.host, self.port,
+                 transport.describe(self.settings.tls))
         return self.port
 
     async def stop(self, grace: float | None = None, drain: float | None = None) -> None:

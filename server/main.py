@@ -11,8 +11,10 @@ import signal
 import sys
 from pathlib import Path
 
+from pydantic import ValidationError
+
 from server.model import ModelNotFoundError
-from server.settings import Settings
+from server.settings import Settings, TlsSettings
 
 log = logging.getLogger("credscope.server")
 
@@ -29,6 +31,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--log-level", help="DEBUG, INFO, WARNING or ERROR (default INFO)")
     p.add_argument("--metrics-dir", type=Path,
                    help="prometheus multiprocess directory that credscope-telemetry serves (default: none)")
+    p.add_argument("--tls-cert", type=Path, help="server certificate chain (PEM): serve TLS only (with --tls-key)")
+    p.add_argument("--tls-key", type=Path, help="private key of --tls-cert (PEM)")
+    p.add_argument("--tls-client-ca", type=Path,
+                   help="CA certificates (PEM) that client certificates must chain to: mutual TLS, clients "
+                        "without a valid certificate are refused")
     return p.parse_args(argv)
 
 
@@ -46,7 +53,19 @@ def build_settings(args: argparse.Namespace) -> Settings:
         settings.log_level = args.log_level.upper()
     if args.metrics_dir:
         settings.telemetry.metrics_dir = args.metrics_dir
+    if args.tls_cert or args.tls_key or args.tls_client_ca:
+        tls = settings.tls.model_dump()
+        tls.update({k: v for k, v in (("cert_file", args.tls_cert), ("key_file", args.tls_key),
+                                      ("client_ca_file", args.tls_client_ca)) if v is not None})
+        settings.tls = TlsSettings(**tls)
     return settings
+
+
+def settings_problem(e: ValidationError) -> str:
+    """A ValidationError as lines naming each setting, without the values given (they may be secrets)."""
+    lines = [f"  {'.'.join(str(p) for p in err['loc']) or 'settings'}: {err['msg']}"
+             for err in e.errors(include_input=False, include_url=False)]
+    return "invalid settings:\n" + "\n".join(lines)
 
 
 def prepare_metrics_dir(settings: Settings) -> None:
@@ -92,7 +111,11 @@ async def serve(settings: Settings) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    settings = build_settings(args)
+    try:
+        settings = build_settings(args)
+    except ValidationError as e:
+        print(f"credscope-server: {settings_problem(e)}", file=sys.stderr)
+        return 2
     logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     prepare_metrics_dir(settings)
     try:

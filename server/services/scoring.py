@@ -12,7 +12,7 @@ import numpy as np
 
 from credscope.v1 import scoring_pb2, scoring_pb2_grpc
 from server import context as rc
-from server import metrics, tracing
+from server import deadline, metrics, tracing
 from server.cached_scoring import Caches, explain_rows, score_rows
 from server.convert import (
     applicant_to_row,
@@ -84,11 +84,13 @@ class ScoringService(scoring_pb2_grpc.ScoringServiceServicer):
         scorer = self.runtime.scorer
         top_k = explain_top_k(request.explain, len(scorer.model.features))
         matrix = rows_to_matrix([row])
+        deadline.check(context, "scoring")
         [(result, from_cache)] = await score_rows(scorer, matrix, self.caches)
         response = scoring_pb2.ScoreResponse()
         fill_prediction(response, result, request_id, from_cache=from_cache)
         tracing.set_attributes(model_version=result.model_version, decision=result.decision, from_cache=from_cache)
         if top_k is not None:
+            deadline.check(context, "explanation")
             explanation = (await self._explain(scorer, matrix))[0].top(top_k)
             fill_explanation(response.explanation, explanation)
         response.timestamp.CopyFrom(timestamp(time.time()))
@@ -129,6 +131,7 @@ class ScoringService(scoring_pb2_grpc.ScoringServiceServicer):
         response.model_version = scorer.version
         metrics.prediction_error("invalid_argument", n - len(rows))
         matrix = rows_to_matrix(rows)
+        deadline.check(context, "scoring")
         pairs = await score_rows(scorer, matrix, self.caches) if rows else []
         scored = [res for res, _ in pairs]
         tracing.set_attributes(model_version=scorer.version, batch_size=n,
@@ -136,6 +139,7 @@ class ScoringService(scoring_pb2_grpc.ScoringServiceServicer):
         for i, (res, from_cache) in zip(positions, pairs, strict=True):
             fill_prediction(response.results[i].prediction, res, f"{request_id}/{i}", from_cache=from_cache)
         if top_k is not None and rows:
+            deadline.check(context, "explanation")
             for i, explanation in zip(positions, await self._explain(scorer, matrix), strict=True):
                 fill_explanation(response.results[i].prediction.explanation, explanation.top(top_k))
         fill_portfolio(response.portfolio, portfolio_of(scored, loan))
