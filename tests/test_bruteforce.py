@@ -19,7 +19,7 @@ from client import CredScopeClient, CredScopeRpcError
 from server.auth.throttle import FailedAuthThrottle
 from server.auth.verifier import InvalidKey, MissingKey
 from server.errors import PermissionDenied
-from tests.helpers import ServerProcess, make_api_key, start_server
+from tests.helpers import make_api_key, start_server
 from tests.test_api import applicant
 
 LIMIT = 5

@@ -118,7 +118,7 @@ def fetch_osv(vuln_id: str, timeout: float = 10.0) -> dict[str, Any] | None:
     """OSV's record of ``vuln_id`` (None when OSV does not answer or does not know it)."""
     url = OSV_VULN_URL + urllib.request.quote(vuln_id, safe="")
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as r:  # nosec B310  # constant https URL
+        with urllib.request.urlopen(url, timeout=timeout) as r:  # noqa: S310  # nosec B310  # constant https URL
             data = json.load(r)
     except (OSError, ValueError):
         return None
