@@ -11,14 +11,17 @@ from grpc_reflection.v1alpha import reflection
 
 from credscope.v1 import admin_pb2, admin_pb2_grpc, scoring_pb2, scoring_pb2_grpc
 from server import db, tracing, transport
+from server.audit.writer import AuditWriter
 from server.auth.throttle import FailedAuthThrottle
 from server.cached_scoring import open_caches
+from server.interceptors.audit import AuditInterceptor
 from server.interceptors.auth import AuthInterceptor
 from server.interceptors.metrics import MetricsInterceptor
 from server.interceptors.ratelimit import RateLimitInterceptor
 from server.interceptors.request_id import RequestIdInterceptor
 from server.interceptors.throttle import AuthThrottleInterceptor
 from server.interceptors.tracing import TracingInterceptor
+from server.readiness import Readiness
 from server.runtime import Runtime
 from server.security import Security
 from server.services.admin import AdminService
@@ -49,25 +52,31 @@ class CredScopeServer:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.runtime = Runtime(settings)
+        self.audit = AuditWriter(settings.audit) if settings.audit.enabled else None
         self.caches = open_caches(settings.cache)
         self.health = health.aio.HealthServicer()
         self.security = Security(settings)
         self.auth_throttle = FailedAuthThrottle.from_settings(settings.auth)
         self.server = grpc.aio.server(interceptors=self.interceptors(), options=server_options(settings))
-        scoring_pb2_grpc.add_ScoringServiceServicer_to_server(ScoringService(self.runtime, settings, self.caches),
+        scoring_pb2_grpc.add_ScoringServiceServicer_to_server(ScoringService(self.runtime, settings, self.caches, audit=self.audit),
                                                               self.server)
         admin_pb2_grpc.add_AdminServiceServicer_to_server(
-            AdminService(self.runtime, api_keys=ApiKeyAdmin(self.security), caches=self.caches), self.server)
+            AdminService(self.runtime, api_keys=ApiKeyAdmin(self.security), caches=self.caches,
+                         audit=self.audit), self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection((*SERVED, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server)
         self.port = 0
         self.draining = False
         self._watch: asyncio.Task[None] | None = None
+        self._readiness: asyncio.Task[None] | None = None
 
     def interceptors(self) -> list[grpc.aio.ServerInterceptor]:
+        # tracing → metrics → request id → audit → auth → rate limit (the audit sees every call the chain
+        # handles, including those auth and rate limiting refuse)
         traced: list[grpc.aio.ServerInterceptor] = [TracingInterceptor()] if tracing.enabled() else []
+        audit: list[grpc.aio.ServerInterceptor] = [AuditInterceptor(self.audit)] if self.audit is not None else []
         return [*traced, MetricsInterceptor(),
-                RequestIdInterceptor(accepting=lambda: not self.draining),
+                RequestIdInterceptor(accepting=lambda: not self.draining), *audit,
                 AuthThrottleInterceptor(self.auth_throttle),
                 AuthInterceptor(self.security.verifier, allow_anonymous=self.settings.auth.allow_anonymous,
                                 on_reject=self.auth_throttle.rejected),
@@ -90,10 +99,16 @@ class CredScopeServer:
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         await db.migrate(self.settings.auth.key_store_url)
         await self.security.start()
+        if self.audit is not None:
+            await self.audit.start()  # applies the migrations; spools (and says so) if the database is down
         await self.server.start()
         scorer = await asyncio.to_thread(self.runtime.load)
         await self._log_cache()
-        await self._set_health(health_pb2.HealthCheckResponse.SERVING)
+        # SERVING from here on unless the model is gone or nothing can record audits (server/readiness.py)
+        self.readiness = Readiness(self.health, SERVED, model_loaded=lambda: self.runtime.ready,
+                                   audit=self.audit, interval=self.settings.server.health_check_seconds)
+        await self.readiness.update()
+        self._readiness = asyncio.create_task(self.readiness.run())
         self._watch = asyncio.create_task(self.runtime.watch())
         log.info("serving model %s on %s:%d, %s", scorer.version, s.host, self.port,
                  transport.describe(self.settings.tls))
@@ -102,6 +117,8 @@ class CredScopeServer:
     async def stop(self, grace: float | None = None, drain: float | None = None) -> None:
         """Report NOT_SERVING and answer new calls UNAVAILABLE for the drain period (calls in flight go on),
         then stop, giving calls still in flight the grace period."""
+        if self._readiness is not None:
+            self._readiness.cancel()
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         self.draining = True
         if self._watch is not None:
@@ -110,6 +127,8 @@ class CredScopeServer:
         if drain > 0:
             await asyncio.sleep(drain)
         await self.server.stop(self.settings.server.grace_seconds if grace is None else grace)
+        if self.audit is not None:
+            await self.audit.close()  # drain: every queued record is written or spooled before exit
         await self.security.close()
         await self.caches.close()
 

@@ -27,6 +27,8 @@ class ServerSettings(BaseModel):
     drain_seconds: float = Field(1.0, ge=0, description="On SIGTERM, how long the server reports NOT_SERVING and "
                                  "answers new calls UNAVAILABLE (so clients and balancers move on) before it stops.")
     grace_seconds: float = Field(10.0, ge=0, description="On SIGTERM, time given to calls in flight.")
+    health_check_seconds: float = Field(0.5, gt=0, description="How often the health status is re-evaluated: "
+                                        "NOT_SERVING while no model is loaded or nothing can record audits.")
 
 
 class TlsSettings(BaseModel):
@@ -124,6 +126,15 @@ class AuditSettings(BaseModel):
     batch_size: int = Field(500, ge=1, description="Records per write.")
     flush_seconds: float = Field(0.2, gt=0, description="Longest a record waits before it is written.")
     spool_dir: Path = Field(Path("spool"), description="Where batches wait while the database is down.")
+    queue_size: int = Field(100_000, ge=1, description="Most records waiting in a worker's audit queue; past it "
+                            "calls wait for room (backpressure), records are never dropped.")
+    pool_size: int = Field(4, ge=1, description="PostgreSQL connections per worker.")
+    timeout_seconds: float = Field(5.0, gt=0, description="Longest wait for the database (connect, one write, "
+                                   "SQLite's lock) before a batch goes to the spool.")
+    retry_seconds: float = Field(1.0, gt=0, description="While the database is down, how often the writer tries "
+                                 "it again (and then replays the spool).")
+    sync_timeout_seconds: float = Field(10.0, gt=0, description="sync durability: longest a call waits for its "
+                                        "record to be committed before it answers UNAVAILABLE.")
 
 
 class PortfolioSettings(BaseModel):

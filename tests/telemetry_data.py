@@ -1,8 +1,7 @@
 """Test data for the telemetry tests: audited predictions and outcomes in SQLite or PostgreSQL.
 
-The tables follow the audit trail's schema (predictions, outcomes, model_performance). Until the audit
-migration (0002_audit) is on main, the tests create them with the DDL below; afterwards
-``server.db.migrate(url)`` replaces it.
+The tables are made by the audit trail's migrations (``server.db.migrate``: 0002_audit defines
+predictions, outcomes and model_performance).
 """
 
 from __future__ import annotations
@@ -24,39 +23,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from server.db import migrate_postgres, migrate_sqlite
 from server.schema import COLUMN_NAMES
 
 ROOT = Path(__file__).resolve().parent.parent
-
-SQLITE_DDL = """
-CREATE TABLE IF NOT EXISTS predictions (
-    request_id TEXT PRIMARY KEY, created_at TEXT NOT NULL, key_id TEXT, client_name TEXT, method TEXT NOT NULL,
-    input TEXT NOT NULL, probability REAL NOT NULL, decision TEXT NOT NULL, risk_level TEXT NOT NULL,
-    confidence REAL NOT NULL, model_version TEXT NOT NULL, latency_ms REAL NOT NULL,
-    from_cache BOOLEAN NOT NULL DEFAULT 0, reason_codes TEXT);
-CREATE INDEX IF NOT EXISTS predictions_created_at_idx ON predictions (created_at);
-CREATE TABLE IF NOT EXISTS outcomes (
-    request_id TEXT PRIMARY KEY, defaulted BOOLEAN NOT NULL, reported_at TEXT NOT NULL, observed_at TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS model_performance (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    created_at TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%f000Z', 'now')),
-    model_version TEXT NOT NULL, metric TEXT NOT NULL, value REAL NOT NULL, window_start TEXT, window_end TEXT);
-"""
-
-PG_DDL = """
-CREATE TABLE IF NOT EXISTS predictions (
-    request_id TEXT PRIMARY KEY, created_at TIMESTAMPTZ NOT NULL, key_id TEXT, client_name TEXT,
-    method TEXT NOT NULL, input JSONB NOT NULL, probability DOUBLE PRECISION NOT NULL, decision TEXT NOT NULL,
-    risk_level TEXT NOT NULL, confidence DOUBLE PRECISION NOT NULL, model_version TEXT NOT NULL,
-    latency_ms DOUBLE PRECISION NOT NULL, from_cache BOOLEAN NOT NULL DEFAULT false, reason_codes TEXT);
-CREATE INDEX IF NOT EXISTS predictions_created_at_idx ON predictions (created_at);
-CREATE TABLE IF NOT EXISTS outcomes (
-    request_id TEXT PRIMARY KEY, defaulted BOOLEAN NOT NULL, reported_at TIMESTAMPTZ NOT NULL,
-    observed_at TIMESTAMPTZ NOT NULL);
-CREATE TABLE IF NOT EXISTS model_performance (
-    id BIGSERIAL PRIMARY KEY, created_at TIMESTAMPTZ NOT NULL DEFAULT now(), model_version TEXT NOT NULL,
-    metric TEXT NOT NULL, value DOUBLE PRECISION NOT NULL, window_start TIMESTAMPTZ, window_end TIMESTAMPTZ);
-"""
 
 #: Raw features the shifted population changes, and the engineered features computed from them.
 SHIFTED = {"AMT_INCOME_TOTAL", "EXT_SOURCE_3"}
@@ -115,8 +85,8 @@ def _iso(ts: datetime) -> str:
 
 def sqlite_audit(path: Path, data: Audited) -> str:
     """Create the audit tables in a SQLite file, insert ``data``; return the URL."""
+    migrate_sqlite(path)
     conn = sqlite3.connect(path)
-    conn.executescript(SQLITE_DDL)
     conn.executemany("INSERT INTO predictions VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                      [(*p[:1], _iso(p[1]), *p[2:]) for p in data.predictions])
     conn.executemany("INSERT INTO outcomes VALUES (?,?,?,?)",
@@ -129,9 +99,9 @@ def sqlite_audit(path: Path, data: Audited) -> str:
 async def postgres_audit(dsn: str, data: Audited) -> None:
     import asyncpg
 
+    await migrate_postgres(dsn)
     conn = await asyncpg.connect(dsn)
     try:
-        await conn.execute(PG_DDL)
         await conn.copy_records_to_table("predictions", records=data.predictions)
         await conn.copy_records_to_table("outcomes", records=data.outcomes)
     finally:

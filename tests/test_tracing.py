@@ -201,8 +201,10 @@ def test_batch_inference_span_and_a_new_trace_without_traceparent(traced_server,
     rpc = collector.wait_for(lambda s: attrs(s).get("credscope.request_id") == request_id)[0]
     assert rpc.name == "credscope.v1.ScoringService/BatchScore" and rpc.parent_span_id == b""  # a new root
     assert attrs(rpc)["credscope.batch_size"] == 3
-    children = {s.name: s for s in collector.wait_for(lambda s: s.parent_span_id == rpc.span_id, count=2)}
-    assert set(children) == {"credscope.cache.get", "credscope.inference"}  # new applicants: looked up, missed
+    children = {s.name: s for s in collector.wait_for(lambda s: s.parent_span_id == rpc.span_id, count=3)}
+    # New applicants: looked up (missed), scored, then audited.
+    assert set(children) == {"credscope.cache.get", "credscope.inference", "credscope.audit.enqueue"}
+    assert attrs(children["credscope.audit.enqueue"])["credscope.predictions"] == 3
     assert attrs(children["credscope.cache.get"])["credscope.keys"] == 3
     assert attrs(children["credscope.cache.get"])["credscope.hits"] == 0
     assert attrs(children["credscope.inference"])["credscope.batch_size"] == 3

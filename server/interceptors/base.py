@@ -63,6 +63,15 @@ class AroundInterceptor(grpc.aio.ServerInterceptor):
         method = handler_call_details.method
         if handler is None or handler.unary_unary is None or not self.applies(method):
             return handler
+        # The inner handler of a method is the same object call after call: wrap it once, not per call.
+        cache: dict[str, tuple[Any, Any]] = self.__dict__.setdefault("_wrapped", {})
+        hit = cache.get(method)
+        if hit is not None and hit[0] is handler:
+            return hit[1]
+        cache[method] = (handler, wrapped := self._wrap(method, handler))
+        return wrapped
+
+    def _wrap(self, method: str, handler: Any) -> Any:
         inner = handler.unary_unary
         around = self.around
 

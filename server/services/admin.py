@@ -8,10 +8,12 @@ from typing import TYPE_CHECKING, Any
 import grpc
 
 from credscope.v1 import admin_pb2, admin_pb2_grpc
+from server.audit.writer import AuditWriter
 from server.backends.cache import CacheUnavailable
 from server.cached_scoring import Caches
 from server.errors import BackendUnavailable, InvalidArgument, Unimplemented, Violation
 from server.runtime import Runtime
+from server.services.audit import get_stats, list_top_features
 
 if TYPE_CHECKING:
     from server.services.api_keys import ApiKeyAdmin
@@ -23,10 +25,11 @@ class AdminService(admin_pb2_grpc.AdminServiceServicer):
     """Each RPC is implemented by the concern that owns it; until then it answers UNIMPLEMENTED."""
 
     def __init__(self, runtime: Runtime, *, api_keys: ApiKeyAdmin | None = None,
-                 caches: Caches | None = None) -> None:
+                 caches: Caches | None = None, audit: AuditWriter | None = None) -> None:
         self.runtime = runtime
         self.api_keys = api_keys
         self.caches = caches
+        self.audit = audit
 
     async def _unimplemented(self, name: str) -> Any:
         raise Unimplemented(f"AdminService.{name} is not available on this server")
@@ -65,10 +68,10 @@ class AdminService(admin_pb2_grpc.AdminServiceServicer):
         return admin_pb2.ClearCacheResponse(predictions_removed=predictions, explanations_removed=explanations)
 
     async def GetStats(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        return await self._unimplemented("GetStats")
+        return await get_stats(self.audit, request)
 
     async def ListTopFeatures(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        return await self._unimplemented("ListTopFeatures")
+        return await list_top_features(self.audit, request)
 
     async def ReplayDecision(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         return await self._unimplemented("ReplayDecision")

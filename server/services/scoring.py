@@ -13,6 +13,8 @@ import numpy as np
 from credscope.v1 import scoring_pb2, scoring_pb2_grpc
 from server import context as rc
 from server import deadline, metrics, tracing
+from server.audit.records import audit_prediction
+from server.audit.writer import AuditWriter
 from server.cached_scoring import Caches, explain_rows, score_rows
 from server.convert import (
     applicant_to_row,
@@ -22,7 +24,7 @@ from server.convert import (
     rows_to_matrix,
     timestamp,
 )
-from server.errors import FailedPrecondition, InvalidArgument, Unimplemented, Violation
+from server.errors import FailedPrecondition, InvalidArgument, Violation
 from server.explain import ExplainError, Explanation
 from server.interceptors.request_id import REQUEST_ID_HELP, valid_request_id
 from server.model import list_versions, read_metadata
@@ -34,6 +36,7 @@ from server.portfolio_convert import (
 )
 from server.runtime import Runtime
 from server.scoring import Scorer
+from server.services.audit import explanation_of, report_outcome, result_of
 from server.settings import Settings
 
 
@@ -52,10 +55,12 @@ def _request_id(given: str, field: str = "request_id") -> str:
 
 
 class ScoringService(scoring_pb2_grpc.ScoringServiceServicer):
-    def __init__(self, runtime: Runtime, settings: Settings, caches: Caches | None = None) -> None:
+    def __init__(self, runtime: Runtime, settings: Settings, caches: Caches | None = None, *,
+                 audit: AuditWriter | None = None) -> None:
         self.runtime = runtime
         self.settings = settings
         self.caches = caches
+        self.audit = audit
         self._explain_pool = ThreadPoolExecutor(settings.model.explain_threads, thread_name_prefix="explain")
 
     async def _compute_explanations(self, scorer: Scorer, matrix: np.ndarray) -> list[Explanation]:
@@ -95,6 +100,8 @@ class ScoringService(scoring_pb2_grpc.ScoringServiceServicer):
             fill_explanation(response.explanation, explanation)
         response.timestamp.CopyFrom(timestamp(time.time()))
         response.processing_time_ms = (time.perf_counter() - started) * 1000.0
+        audit_prediction(request_id, row, result, response.processing_time_ms, from_cache=response.from_cache,
+                         explanation=explanation_of(response))
         return response
 
     async def BatchScore(self, request: scoring_pb2.BatchScoreRequest, context: grpc.aio.ServicerContext
@@ -145,6 +152,10 @@ class ScoringService(scoring_pb2_grpc.ScoringServiceServicer):
         fill_portfolio(response.portfolio, portfolio_of(scored, loan))
         response.timestamp.CopyFrom(timestamp(time.time()))
         response.processing_time_ms = (time.perf_counter() - started) * 1000.0
+        for i, row in zip(positions, rows, strict=True):
+            p = response.results[i].prediction
+            audit_prediction(p.request_id, row, result_of(p), response.processing_time_ms, from_cache=p.from_cache,
+                             explanation=explanation_of(p))
         return response
 
     async def GetModelInfo(self, request: scoring_pb2.GetModelInfoRequest, context: grpc.aio.ServicerContext
@@ -171,7 +182,7 @@ class ScoringService(scoring_pb2_grpc.ScoringServiceServicer):
 
     async def ReportOutcome(self, request: scoring_pb2.ReportOutcomeRequest, context: grpc.aio.ServicerContext
                             ) -> scoring_pb2.ReportOutcomeResponse:
-        raise Unimplemented("ReportOutcome needs the audit trail, which this server does not have yet")
+        return await report_outcome(self.audit, request)
 
 
 def _set_time(ts, iso: str | None) -> None:  # type: ignore[no-untyped-def]

@@ -1,0 +1,160 @@
+"""The audit store protocol (what the writer and the RPCs need from a database), its two
+implementations' shared parts, and the factory that picks one from the URL.
+
+``sqlite:///path`` → :class:`server.audit.sqlite.SqliteAuditStore` (embedded default);
+``postgresql://…`` → :class:`server.audit.postgres.PostgresAuditStore` (asyncpg, batched COPY).
+Both pass the same contract suite (``tests/test_audit_store.py``).
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Protocol
+
+from server.audit.records import AuditEntry
+from server.db import dialect
+
+DECISIONS = ("APPROVE", "REVIEW", "REJECT")
+RISK_LEVELS = ("VERY_LOW", "LOW", "MEDIUM", "HIGH", "VERY_HIGH")
+PERCENTILES = (0.5, 0.95, 0.99)
+
+PREDICTION_COLUMNS = ("request_id", "created_at", "key_id", "client_name", "method", "input", "probability",
+                      "decision", "risk_level", "confidence", "model_version", "latency_ms", "from_cache",
+                      "reason_codes")
+SHAP_COLUMNS = ("request_id", "rank", "feature", "value", "shap_value")
+USAGE_COLUMNS = ("request_id", "created_at", "key_id", "tier", "method", "status_code", "duration_ms", "error")
+
+
+class AuditStoreError(Exception):
+    """The database could not do it. ``permanent`` errors are about the data (retrying the same batch
+    fails again); the others are about the database (unreachable, locked, timed out)."""
+
+    def __init__(self, message: str, *, permanent: bool = False) -> None:
+        super().__init__(message)
+        self.permanent = permanent
+
+
+class OutcomeResult(enum.Enum):
+    RECORDED = "recorded"
+    """New, or a different outcome than the one reported before (it replaces it)."""
+    UNCHANGED = "unchanged"
+    """The same outcome had been reported before."""
+    NOT_FOUND = "not_found"
+    """No prediction has this request id."""
+
+
+@dataclass
+class Stats:
+    """Prediction statistics over a period."""
+
+    total: int = 0
+    by_decision: dict[str, int] = field(default_factory=dict)
+    by_risk_level: dict[str, int] = field(default_factory=dict)
+    mean_probability: float = 0.0
+    latency_ms: dict[float, float] = field(default_factory=dict)
+    """Percentile (0.5, 0.95, 0.99) → latency in ms (continuous, like percentile_cont)."""
+    cache_hit_rate: float = 0.0
+    error_calls: int = 0
+
+
+@dataclass
+class FeatureStat:
+    feature: str
+    mean_abs_shap: float
+    count: int
+
+
+class AuditStore(Protocol):
+    """A database for the audit trail. ``write`` is one transaction and idempotent by request id."""
+
+    async def open(self) -> None:
+        """Apply the migrations and connect. Raises :class:`AuditStoreError` when unreachable."""
+
+    async def write(self, entries: Sequence[AuditEntry]) -> None:
+        """Insert the entries' rows in one transaction; rows whose key exists are skipped."""
+
+    async def ping(self) -> None:
+        """Raise :class:`AuditStoreError` unless the database answers."""
+
+    async def stats(self, start: datetime, end: datetime) -> Stats:
+        """Prediction statistics over [start, end)."""
+
+    async def top_features(self, decision: str | None, limit: int) -> list[FeatureStat]:
+        """Mean |SHAP| by feature over recorded explanations, largest first."""
+
+    async def report_outcome(self, request_id: str, defaulted: bool, observed_at: datetime,
+                             reported_at: datetime) -> OutcomeResult:
+        """Record the observed outcome of a prediction (replacing a different earlier one)."""
+
+    async def has_prediction(self, request_id: str) -> bool:
+        """Whether a prediction row exists for the request id."""
+
+    async def close(self) -> None:
+        """Release connections."""
+
+
+def open_store(url: str, *, timeout: float = 5.0, pool_size: int = 4) -> AuditStore:
+    """The store for a URL (not yet opened)."""
+    if dialect(url) == "sqlite":
+        from server.audit.sqlite import SqliteAuditStore
+
+        return SqliteAuditStore(url, timeout=timeout)
+    from server.audit.postgres import PostgresAuditStore
+
+    return PostgresAuditStore(url, timeout=timeout, pool_size=pool_size)
+
+
+# --- rows -----------------------------------------------------------------------------------------
+
+def _finite(v: float | None) -> float | None:
+    return None if v is None or math.isnan(v) else v
+
+
+@dataclass
+class Rows:
+    """The rows of a batch, deduplicated by key (first wins), in the column orders above; timestamps as
+    aware datetimes, JSON as text."""
+
+    predictions: list[tuple[Any, ...]]
+    shap: list[tuple[Any, ...]]
+    usage: list[tuple[Any, ...]]
+
+
+def to_rows(entries: Sequence[AuditEntry]) -> Rows:
+    preds: dict[str, tuple[Any, ...]] = {}
+    shap: dict[tuple[str, int], tuple[Any, ...]] = {}
+    usage: dict[str, tuple[Any, ...]] = {}
+    for e in entries:
+        created = e.created_datetime
+        u = e.usage
+        usage.setdefault(u.request_id, (u.request_id, created, u.key_id, u.tier, u.method, u.status_code,
+                                        float(u.duration_ms), u.error))
+        for p in e.predictions:
+            if p.request_id not in preds:
+                preds[p.request_id] = (
+                    p.request_id, created, u.key_id, e.client_name, u.method, p.input_json(), float(p.probability),
+                    p.decision, p.risk_level, float(p.confidence), p.model_version, float(p.latency_ms),
+                    bool(p.from_cache), None if p.reason_codes is None else json.dumps(p.reason_codes))
+            for rank, (feature, value, shap_value) in enumerate(p.explanation or (), start=1):
+                shap.setdefault((p.request_id, rank),
+                                (p.request_id, rank, feature, _finite(value), float(shap_value)))
+    return Rows(list(preds.values()), list(shap.values()), list(usage.values()))
+
+
+def interpolate(sorted_at: Any, n: int, q: float) -> float:
+    """percentile_cont over n sorted values, fetching positions with ``sorted_at(i)``."""
+    if n == 0:
+        return 0.0
+    pos = q * (n - 1)
+    lo = math.floor(pos)
+    frac = pos - lo
+    a = sorted_at(lo)
+    if frac == 0:
+        return float(a)
+    b = sorted_at(lo + 1)
+    return float(a + (b - a) * frac)

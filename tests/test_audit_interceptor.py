@@ -1,0 +1,127 @@
+"""The audit interceptor in a real grpc.aio server (in this process, port 0) with the real ScoringService:
+it records every call — success, an error raised by an inner layer, an abort by an inner interceptor,
+an unexpected exception (without its internals) — with the principal the inner layers set; and in
+``sync`` durability a call that cannot be recorded answers UNAVAILABLE."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+
+from client.applicants import applicant_from_mapping
+from credscope.v1 import scoring_pb2, scoring_pb2_grpc
+from server import context as rc
+from server.audit.writer import AuditWriter
+from server.errors import PermissionDenied, Unauthenticated, abort
+from server.interceptors.audit import AuditInterceptor
+from server.interceptors.base import AroundInterceptor, Behavior
+from server.interceptors.request_id import RequestIdInterceptor
+from server.runtime import Runtime
+from server.services.scoring import ScoringService
+from server.settings import AuditSettings, Settings
+from tests.audit_helpers import fetch
+from tests.test_api import GOOD
+
+
+class Gate(AroundInterceptor):
+    """Stands where auth and rate limiting go: sets the principal, or fails the call as told."""
+
+    async def around(self, method: str, behavior: Behavior, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        md = dict(context.invocation_metadata() or ())
+        ctx = rc.current()
+        assert ctx is not None
+        if md.get("x-test-key"):
+            ctx.principal = rc.Principal(key_id=md["x-test-key"], name="acme", tier="pro")
+        gate = md.get("x-test-gate")
+        if gate == "abort":
+            await abort(context, PermissionDenied("the admin role is required"))
+        if gate == "raise":
+            raise Unauthenticated("missing API key")
+        if gate == "boom":
+            raise RuntimeError("secret internals: password=hunter2")
+        return await behavior(request, context)
+
+
+async def serve(model_dir: Path, audit: AuditSettings) -> tuple[grpc.aio.Server, int, AuditWriter]:
+    settings = Settings(audit=audit)
+    settings.model.model_dir = model_dir
+    runtime = Runtime(settings)
+    runtime.load()
+    writer = AuditWriter(audit)
+    await writer.start()
+    server = grpc.aio.server(interceptors=[RequestIdInterceptor(), AuditInterceptor(writer), Gate()])
+    scoring_pb2_grpc.add_ScoringServiceServicer_to_server(ScoringService(runtime, settings, audit=writer), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    return server, port, writer
+
+
+@pytest.fixture()
+async def chain(model_dir: Path, tmp_path: Path) -> AsyncIterator[tuple[scoring_pb2_grpc.ScoringServiceStub, str]]:
+    url = f"sqlite:///{tmp_path / 'audit.db'}"
+    server, port, writer = await serve(model_dir, AuditSettings(url=url, spool_dir=tmp_path / "spool",
+                                                                flush_seconds=0.02))
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+    yield scoring_pb2_grpc.ScoringServiceStub(channel), url
+    await channel.close()
+    await server.stop(None)
+    await writer.close()
+
+
+async def call(stub: scoring_pb2_grpc.ScoringServiceStub, request_id: str, **md: str) -> grpc.StatusCode:
+    metadata = [("x-request-id", request_id), *((k.replace("_", "-"), v) for k, v in md.items())]
+    try:
+        await stub.Score(scoring_pb2.ScoreRequest(applicant=applicant_from_mapping(GOOD)), metadata=metadata,
+                         timeout=10)
+    except grpc.aio.AioRpcError as e:
+        return e.code()
+    return grpc.StatusCode.OK
+
+
+async def test_every_outcome_of_a_call_is_recorded(chain: tuple[Any, str]) -> None:
+    stub, url = chain
+    assert await call(stub, "ok-1", x_test_key="key-7") == grpc.StatusCode.OK
+    assert await call(stub, "abort-1", x_test_gate="abort") == grpc.StatusCode.PERMISSION_DENIED
+    assert await call(stub, "raise-1", x_test_gate="raise") == grpc.StatusCode.UNAUTHENTICATED
+    assert await call(stub, "boom-1", x_test_gate="boom") == grpc.StatusCode.INTERNAL
+    await stub.BatchScore(scoring_pb2.BatchScoreRequest(request_id="batch-1", applicants=[
+        applicant_from_mapping(GOOD), applicant_from_mapping({**GOOD, "amt_credit": -1}),
+        applicant_from_mapping(GOOD)]), timeout=10)
+    # ReportOutcome right after Score finds the prediction still in the queue (the RPC flushes it first)
+    r = await stub.ReportOutcome(scoring_pb2.ReportOutcomeRequest(request_id="ok-1",
+                                                                  outcome=scoring_pb2.OUTCOME_REPAID), timeout=10)
+    assert r.recorded
+
+    usage = {r[0]: r[1:] for r in await fetch(url, "SELECT request_id, status_code, error, key_id, tier, method "
+                                                   "FROM api_usage")}
+    assert usage["ok-1"] == ("OK", None, "key-7", "pro", "/credscope.v1.ScoringService/Score")
+    assert usage["abort-1"][:2] == ("PERMISSION_DENIED", "the admin role is required")
+    assert usage["raise-1"][:2] == ("UNAUTHENTICATED", "missing API key")
+    assert usage["boom-1"][0] == "INTERNAL" and "boom-1" in usage["boom-1"][1]
+    assert "hunter2" not in usage["boom-1"][1] and "secret" not in usage["boom-1"][1]
+    assert usage["batch-1"][0] == "OK"
+    preds = {r[0]: r[1:] for r in await fetch(url, "SELECT request_id, key_id, client_name, from_cache "
+                                                   "FROM predictions")}
+    assert set(preds) == {"ok-1", "batch-1/0", "batch-1/2"}  # failed calls and the invalid applicant: none
+    assert preds["ok-1"] == ("key-7", "acme", 0)
+
+
+async def test_sync_call_that_cannot_be_recorded_answers_unavailable(model_dir: Path, tmp_path: Path) -> None:
+    blocked = tmp_path / "file"
+    blocked.write_text("where directories should be")
+    audit = AuditSettings(url=f"sqlite:///{blocked / 'audit.db'}", spool_dir=blocked / "spool", durability="sync",
+                          sync_timeout_seconds=0.5, retry_seconds=0.1)
+    server, port, writer = await serve(model_dir, audit)
+    try:
+        assert not writer.healthy()
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = scoring_pb2_grpc.ScoringServiceStub(channel)
+            assert await call(stub, "sync-1") == grpc.StatusCode.UNAVAILABLE
+            assert await call(stub, "sync-2", x_test_gate="raise") == grpc.StatusCode.UNAUTHENTICATED
+    finally:
+        await server.stop(None)
+        await writer.close(within=1)
