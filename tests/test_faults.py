@@ -318,5 +318,5 @@ async def test_readiness_rules() -> None:
     audit.ok = False
     assert not await r.update() and "nothing can record audits" in (r.problem() or "")
     audit.ok = True
-    assert await r.update() and r.changes == 2
+    assert await r.update() and r.changes == 3
     assert await Readiness(health, [], model_loaded=lambda: True, audit=None).update()  # audit off
