@@ -149,7 +149,8 @@ def test_no_key_or_password_in_logs_errors_spans_metrics_or_rows(  # type: ignor
             admin.admin_call("ListApiKeys", admin_pb2.ListApiKeysRequest(include_revoked=True))
             admin.admin_call("GetApiKeyStats", admin_pb2.GetApiKeyStatsRequest())
             with CredScopeClient(sp.target, api_key=user_key, retries=False) as user:
-                assert user.score(applicant(), explain=True, top_k=3).default_probability > 0
+                scored = user.score(applicant(), explain=True, top_k=3)
+                assert scored.default_probability > 0
                 assert len(user.batch_score([applicant(), applicant(amt_credit=-5)]).results) == 2
                 with pytest.raises(CredScopeRpcError) as e:
                     user.score(applicant(amt_credit=-5))
@@ -206,6 +207,7 @@ def test_no_key_or_password_in_logs_errors_spans_metrics_or_rows(  # type: ignor
     assert "credscope.v1.AdminService/RevokeApiKey" in spans and "credscope.request_id" in spans
     assert "credscope_auth_failures_total" in metrics_text and "credscope_predictions_total" in metrics_text
     assert doomed.key.key_id in rows  # the key store's rows: ids and hashes
+    assert scored.request_id in rows  # the audit trail's rows
     needles = {"PostgreSQL password": pg_role.password, "Redis password": redis.password or ""}
     for i, k in enumerate(keys):
         needles[f"key {i}"] = k
