@@ -10,13 +10,15 @@ and guessing is held to ``limit`` keys per window per address. Valid keys sent f
 refused too while it is throttled (an attacker behind the same NAT can lock its neighbours out for one
 window; set the limit with that in mind, or 0 to turn this off).
 
-The table is per worker process and bounded (``auth.failed_auth_max_peers`` addresses, least recently
+Each time an address reaches the limit the worker logs it (the address, never a key). The table is per
+worker process and bounded (``auth.failed_auth_max_peers`` addresses, least recently
 failed dropped first), so a flood of addresses costs bounded memory. Counted in
 ``credscope_auth_failures_total{reason}`` and ``credscope_auth_throttled_total`` (no per-address labels).
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections import OrderedDict, deque
@@ -25,6 +27,8 @@ from collections.abc import Callable
 from server import metrics
 from server.errors import CredScopeError, RateLimited, Unauthenticated
 from server.settings import AuthSettings
+
+log = logging.getLogger("credscope.auth")
 
 
 class AuthThrottled(RateLimited):
@@ -65,7 +69,11 @@ class FailedAuthThrottle:
                 self._failures.popitem(last=False)
         else:
             self._failures.move_to_end(peer)
-        times.append(self.clock())
+        now = self.clock()
+        times.append(now)
+        if len(times) == self.limit and now - times[0] < self.window:
+            log.warning("client address %s failed authentication %d times within %gs: its calls are refused "
+                        "for %.0fs", peer, self.limit, self.window, times[0] + self.window - now)
 
     def retry_after(self, peer: str) -> float:
         """Seconds until ``peer`` may be checked again (0: not throttled)."""
