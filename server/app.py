@@ -10,8 +10,9 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from credscope.v1 import admin_pb2, admin_pb2_grpc, scoring_pb2, scoring_pb2_grpc
-from server import db, tracing
+from server import db, tracing, transport
 from server.audit.writer import AuditWriter
+from server.auth.throttle import FailedAuthThrottle
 from server.cached_scoring import open_caches
 from server.challenger import Challenger
 from server.interceptors.audit import AuditInterceptor
@@ -19,7 +20,9 @@ from server.interceptors.auth import AuthInterceptor
 from server.interceptors.metrics import MetricsInterceptor
 from server.interceptors.ratelimit import RateLimitInterceptor
 from server.interceptors.request_id import RequestIdInterceptor
+from server.interceptors.throttle import AuthThrottleInterceptor
 from server.interceptors.tracing import TracingInterceptor
+from server.readiness import Readiness
 from server.runtime import Runtime
 from server.security import Security
 from server.services.admin import AdminService
@@ -54,6 +57,7 @@ class CredScopeServer:
         self.caches = open_caches(settings.cache)
         self.health = health.aio.HealthServicer()
         self.security = Security(settings)
+        self.auth_throttle = FailedAuthThrottle.from_settings(settings.auth)
         self.server = grpc.aio.server(interceptors=self.interceptors(), options=server_options(settings))
         self.scoring = ScoringService(self.runtime, settings, self.caches, audit=self.audit)
         scoring_pb2_grpc.add_ScoringServiceServicer_to_server(self.scoring, self.server)
@@ -66,6 +70,7 @@ class CredScopeServer:
         self.port = 0
         self.draining = False
         self._watch: asyncio.Task[None] | None = None
+        self._readiness: asyncio.Task[None] | None = None
 
     def interceptors(self) -> list[grpc.aio.ServerInterceptor]:
         # tracing → metrics → request id → audit → auth → rate limit (the audit sees every call the chain
@@ -74,7 +79,9 @@ class CredScopeServer:
         audit: list[grpc.aio.ServerInterceptor] = [AuditInterceptor(self.audit)] if self.audit is not None else []
         return [*traced, MetricsInterceptor(),
                 RequestIdInterceptor(accepting=lambda: not self.draining), *audit,
-                AuthInterceptor(self.security.verifier, allow_anonymous=self.settings.auth.allow_anonymous),
+                AuthThrottleInterceptor(self.auth_throttle),
+                AuthInterceptor(self.security.verifier, allow_anonymous=self.settings.auth.allow_anonymous,
+                                on_reject=self.auth_throttle.rejected),
                 RateLimitInterceptor(self.security.limiter, self.security.usage,
                                      max_batch=self.settings.server.max_batch_size)]
 
@@ -85,7 +92,10 @@ class CredScopeServer:
     async def start(self) -> int:
         """Bind, serve, load the model, then report SERVING. Returns the bound port."""
         s = self.settings.server
-        self.port = self.server.add_insecure_port(f"{s.host}:{s.port}")
+        credentials = transport.server_credentials(self.settings.tls)
+        address = f"{s.host}:{s.port}"
+        self.port = (self.server.add_secure_port(address, credentials) if credentials is not None
+                     else self.server.add_insecure_port(address))
         if self.port == 0:
             raise RuntimeError(f"could not bind {s.host}:{s.port}")
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
@@ -97,14 +107,21 @@ class CredScopeServer:
         scorer = await asyncio.to_thread(self.runtime.load)
         await self._start_challenger()
         await self._log_cache()
-        await self._set_health(health_pb2.HealthCheckResponse.SERVING)
+        # SERVING from here on unless the model is gone or nothing can record audits (server/readiness.py)
+        self.readiness = Readiness(self.health, SERVED, model_loaded=lambda: self.runtime.ready,
+                                   audit=self.audit, interval=self.settings.server.health_check_seconds)
+        await self.readiness.update()
+        self._readiness = asyncio.create_task(self.readiness.run())
         self._watch = asyncio.create_task(self.runtime.watch())
-        log.info("serving model %s on %s:%d", scorer.version, s.host, self.port)
+        log.info("serving model %s on %s:%d, %s", scorer.version, s.host, self.port,
+                 transport.describe(self.settings.tls))
         return self.port
 
     async def stop(self, grace: float | None = None, drain: float | None = None) -> None:
         """Report NOT_SERVING and answer new calls UNAVAILABLE for the drain period (calls in flight go on),
         then stop, giving calls still in flight the grace period."""
+        if self._readiness is not None:
+            self._readiness.cancel()
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         self.draining = True
         if self._watch is not None:

@@ -12,7 +12,7 @@ import numpy as np
 
 from credscope.v1 import scoring_pb2, scoring_pb2_grpc
 from server import context as rc
-from server import input_signals, metrics, tracing
+from server import deadline, input_signals, metrics, tracing
 from server.audit.records import audit_prediction
 from server.audit.writer import AuditWriter
 from server.cached_scoring import Caches, explain_rows, score_rows
@@ -94,12 +94,14 @@ class ScoringService(scoring_pb2_grpc.ScoringServiceServicer):
         top_k = explain_top_k(request.explain, len(scorer.model.features))
         matrix = rows_to_matrix([row])
         input_signals.observe(scorer, matrix)
+        deadline.check(context, "scoring")
         [(result, from_cache)] = await score_rows(scorer, matrix, self.caches)
         response = scoring_pb2.ScoreResponse()
         fill_prediction(response, result, request_id, from_cache=from_cache)
         tracing.set_attributes(model_version=result.model_version, decision=result.decision, from_cache=from_cache)
         full = None  # adverse decisions are explained for their reasons even when no explanation was asked
         if top_k is not None or needs_explanation(scorer, result.decision):
+            deadline.check(context, "explanation")
             full = (await self._explain(scorer, matrix))[0]
         if top_k is not None:
             fill_explanation(response.explanation, full.top(top_k))
@@ -148,6 +150,7 @@ class ScoringService(scoring_pb2_grpc.ScoringServiceServicer):
         metrics.prediction_error("invalid_argument", n - len(rows))
         matrix = rows_to_matrix(rows)
         input_signals.observe(scorer, matrix)
+        deadline.check(context, "scoring")
         pairs = await score_rows(scorer, matrix, self.caches) if rows else []
         scored = [res for res, _ in pairs]
         tracing.set_attributes(model_version=scorer.version, batch_size=n,
@@ -156,6 +159,8 @@ class ScoringService(scoring_pb2_grpc.ScoringServiceServicer):
             fill_prediction(response.results[i].prediction, res, f"{request_id}/{i}", from_cache=from_cache)
         want = list(range(len(rows))) if top_k is not None else [
             j for j, (res, _) in enumerate(pairs) if needs_explanation(scorer, res.decision)]
+        if want:
+            deadline.check(context, "explanation")
         explained = dict(zip(want, await self._explain(scorer, matrix if len(want) == len(rows) else matrix[want]),
                              strict=True)) if want else {}
         codes = []
