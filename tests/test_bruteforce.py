@@ -48,7 +48,8 @@ def wait_for_metric(metrics_dir: Path, name: str, want: float, **labels: str) ->
 def guarded(model_dir: Path, tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
     """A server with keys required, a low failed-auth limit, listening on 127.0.0.1 and ::1 (two addresses)."""
     work = tmp_path_factory.mktemp("bruteforce")
-    sp = start_server(model_dir, cwd=work, args=["--host", "localhost"], env={
+    # One worker: each worker process counts the failures of the connections it serves.
+    sp = start_server(model_dir, cwd=work, args=["--host", "localhost", "--workers", "1"], env={
         "CREDSCOPE_AUTH__FAILED_AUTH_LIMIT": str(LIMIT), "CREDSCOPE_AUTH__FAILED_AUTH_WINDOW_SECONDS": str(WINDOW),
         "CREDSCOPE_TELEMETRY__METRICS_DIR": str(work / "metrics")})
     yield sp, make_api_key(work, tier="pro", admin=False, name="good"), work / "metrics"

@@ -188,7 +188,7 @@ def raw_call(sp: ServerProcess, method: str, data: bytes, metadata: list[tuple[s
     return None
 
 
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.binary(min_size=0, max_size=400))
 def test_random_bytes_to_every_rpc_with_a_valid_key(secured, data: bytes) -> None:  # type: ignore[no-untyped-def]
     sp, admin_key = secured
@@ -215,7 +215,7 @@ extra_metadata = st.lists(st.tuples(
     st.text(alphabet=st.characters(min_codepoint=0x20, max_codepoint=0x7E), max_size=100)), max_size=4)
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(key=keys, extra=extra_metadata, method=st.sampled_from(METHODS))
 def test_wrong_keys_and_metadata_are_refused_with_a_reason(secured, key: str, extra, method: str) -> None:  # type: ignore[no-untyped-def]
     sp, _ = secured
@@ -267,7 +267,7 @@ def test_random_batches_and_loan_parameters(client: CredScopeClient, batch, amou
     assert math.isfinite(r.portfolio.expected_portfolio_value)
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(rid=st.text(max_size=300), outcome=st.integers(-3, 10), name=st.text(max_size=300),
        tier=st.text(max_size=20), version=st.text(max_size=100), seconds=st.integers(-(2**40), 2**40))
 def test_random_field_values_in_the_other_rpcs(secured, rid, outcome, name, tier, version, seconds) -> None:  # type: ignore[no-untyped-def]
