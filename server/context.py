@@ -38,6 +38,9 @@ class RequestContext:
     """Prediction records the servicer leaves for the audit interceptor."""
     error: str | None = None
     """Name of the status code the call ended with, when it failed."""
+    rejection: Any = None
+    """A CredScopeError the request-id layer found (bad x-request-id, undecodable message) and left for the
+    audit layer to raise, so that the refused call is audited too."""
 
     def elapsed_ms(self) -> float:
         return (time.perf_counter() - self.started) * 1000.0
