@@ -33,7 +33,7 @@ class RequestContext:
     started: float = field(default_factory=time.perf_counter)
     principal: Principal | None = None
     response_metadata: dict[str, str] = field(default_factory=dict)
-    """Sent as initial metadata on success and as trailing metadata on error."""
+    """Sent as trailing metadata, on success and on error."""
     audit: list[Any] = field(default_factory=list)
     """Prediction records the servicer leaves for the audit interceptor."""
     error: str | None = None
