@@ -78,7 +78,7 @@ class CredScopeServer:
         traced: list[grpc.aio.ServerInterceptor] = [TracingInterceptor()] if tracing.enabled() else []
         audit: list[grpc.aio.ServerInterceptor] = [AuditInterceptor(self.audit)] if self.audit is not None else []
         return [*traced, MetricsInterceptor(),
-                RequestIdInterceptor(accepting=lambda: not self.draining), *audit,
+                RequestIdInterceptor(accepting=lambda: not self.draining, defer_rejections=bool(audit)), *audit,
                 AuthThrottleInterceptor(self.auth_throttle),
                 AuthInterceptor(self.security.verifier, allow_anonymous=self.settings.auth.allow_anonymous,
                                 on_reject=self.auth_throttle.rejected),

@@ -173,12 +173,12 @@ class PostgresAuditStore:
 
     async def prediction(self, request_id: str) -> AuditedPrediction | None:
         row = await self._with_conn(lambda conn: conn.fetchrow(
-            f"SELECT {REPLAY_COLUMNS} FROM predictions WHERE request_id = $1", request_id))  # noqa: S608
+            f"SELECT {REPLAY_COLUMNS} FROM predictions WHERE request_id = $1", request_id))  # noqa: S608  # nosec B608  # constant table/column names; values are bound parameters
         return None if row is None else audited_prediction(*row)
 
     async def write_challenger(self, rows: Sequence[tuple[Any, ...]]) -> None:
         cols = ", ".join(CHALLENGER_COLUMNS)
-        sql = (f"INSERT INTO challenger_predictions ({cols}) VALUES ($1, $2, $3, $4, $5) "  # noqa: S608
+        sql = (f"INSERT INTO challenger_predictions ({cols}) VALUES ($1, $2, $3, $4, $5) "  # noqa: S608  # nosec B608  # constant table/column names; values are bound parameters
                "ON CONFLICT (request_id) DO NOTHING")
         if rows:
             async def write(conn: asyncpg.Connection) -> None:

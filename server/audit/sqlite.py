@@ -219,7 +219,7 @@ class SqliteAuditStore:
 
     async def prediction(self, request_id: str) -> AuditedPrediction | None:
         row = await self._run(lambda: self._connection().execute(
-            f"SELECT {REPLAY_COLUMNS} FROM predictions WHERE request_id = ?", (request_id,)).fetchone())  # noqa: S608
+            f"SELECT {REPLAY_COLUMNS} FROM predictions WHERE request_id = ?", (request_id,)).fetchone())  # noqa: S608  # nosec B608  # constant table/column names; values are bound parameters
         return None if row is None else audited_prediction(*row)
 
     async def write_challenger(self, rows: Sequence[tuple[Any, ...]]) -> None:

@@ -103,7 +103,7 @@ class ScoringService(scoring_pb2_grpc.ScoringServiceServicer):
         if top_k is not None or needs_explanation(scorer, result.decision):
             deadline.check(context, "explanation")
             full = (await self._explain(scorer, matrix))[0]
-        if top_k is not None:
+        if top_k is not None and full is not None:
             fill_explanation(response.explanation, full.top(top_k))
         codes = adverse_reasons(response.reasons, scorer, result, full)
         response.timestamp.CopyFrom(timestamp(time.time()))
