@@ -9,7 +9,15 @@ TELEMETRY_PORT ?= 9464
 METRICS_DIR ?= metrics
 PROTOS := $(wildcard proto/credscope/v1/*.proto)
 
-.PHONY: help venv install install-dev model run test proto proto-check buf-lint lint ci bench clean
+.PHONY: help venv install install-dev model run test coverage proto proto-check buf-lint buf-breaking ruff lint \
+        typecheck bandit pip-audit ci bench clean
+
+# The CI gates (.ci/run runs them in this order, each named in its output; `make ci` runs .ci/run).
+LINT_PATHS := server client telemetry tools tests
+#: `make test COVERAGE=1`: the same suite, measuring server/, client/ and telemetry/ (the server and sidecar
+#: processes the tests start included: [tool.coverage.run] patch = subprocess), failing under 85%.
+COVERAGE ?=
+COV_ARGS := --cov --cov-report=term-missing:skip-covered --cov-report=xml:coverage.xml --cov-fail-under=85
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 14
@@ -44,8 +52,11 @@ run: install model  ## start the server on :$(PORT) and the telemetry sidecar on
 	  tpid=$$!; trap 'kill $$tpid 2>/dev/null; wait $$tpid 2>/dev/null' EXIT INT TERM; \
 	  $(VENV)/bin/credscope-server --port $(PORT) --model-dir $(MODEL_DIR) --metrics-dir $(METRICS_DIR)
 
-test: install-dev  ## run the whole test suite
-	$(PY) -m pytest
+test: install-dev  ## run the whole test suite (COVERAGE=1: with coverage, failing under 85%)
+	$(PY) -m pytest $(if $(COVERAGE),$(COV_ARGS))
+
+coverage:  ## the test suite with coverage of server, client and telemetry (fails under 85%)
+	$(MAKE) test COVERAGE=1
 
 proto: install-dev  ## regenerate the committed Python stubs from proto/
 	$(PY) -m tools.protogen
@@ -60,10 +71,31 @@ node_modules/.bin/buf: package.json
 buf-lint: node_modules/.bin/buf  ## buf lint (STANDARD + COMMENTS)
 	node_modules/.bin/buf lint
 
-lint: install-dev buf-lint  ## ruff and buf lint
-	$(VENV)/bin/ruff check server client telemetry tools tests
+buf-breaking: node_modules/.bin/buf  ## buf breaking against the last v* release tag (skipped when there is none)
+	@tag=$$(git describe --tags --abbrev=0 --match 'v*' 2>/dev/null || true); \
+	if [ -z "$$tag" ]; then echo "buf breaking: no v* release tag yet, nothing to compare with (skipped)"; \
+	else gitdir=$$(git rev-parse --path-format=absolute --git-common-dir); \
+	  echo "buf breaking against $$tag"; \
+	  node_modules/.bin/buf breaking --against "$$gitdir#format=git,tag=$$tag"; fi
 
-ci: lint proto-check test  ## what .ci/run does
+ruff: install-dev  ## ruff (lint rules in pyproject.toml)
+	$(VENV)/bin/ruff check $(LINT_PATHS)
+
+lint: ruff buf-lint  ## ruff and buf lint
+
+typecheck: install-dev  ## mypy on server, client and telemetry (config in pyproject.toml)
+	$(VENV)/bin/mypy
+
+bandit: install-dev  ## bandit security lint: any finding of medium or high severity fails
+	@err=$$(mktemp); $(VENV)/bin/bandit -q -r server client telemetry tools -ll 2>$$err; rc=$$?; \
+	  grep -v "nosec encountered" $$err >&2; rm -f $$err; \
+	  if [ $$rc -eq 0 ]; then echo "bandit: no medium- or high-severity finding"; fi; exit $$rc
+
+pip-audit: install-dev  ## known vulnerabilities of the dependencies: high fails (PIP_AUDIT_STRICT=1: so does no answer)
+	$(PY) -m tools.audit_deps $(if $(PIP_AUDIT_STRICT),--strict)
+
+ci:  ## what CI runs: .ci/run (services, then every gate; CI=true, so service tests fail, not skip)
+	bash .ci/run
 
 # MLServer (the bench's peer) lives in its own virtualenv: its dependencies conflict with ours. If it
 # cannot be installed the bench still runs and reports the MLServer rows as skipped, with the reason.
@@ -81,4 +113,4 @@ bench: install model $(BENCH_VENV)/.installed  ## benchmark vs an echo server an
 	$(VENV)/bin/credscope-bench --model-dir $(MODEL_DIR) --mlserver-venv $(BENCH_VENV) $(BENCH_ARGS)
 
 clean:  ## remove the virtualenv and build leftovers
-	rm -rf $(VENV) $(BENCH_VENV) build *.egg-info
+	rm -rf $(VENV) $(BENCH_VENV) build *.egg-info .coverage .coverage.* coverage.xml

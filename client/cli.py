@@ -101,11 +101,11 @@ def cmd_score(args: argparse.Namespace, client: CredScopeClient) -> int:
         print(json_format.MessageToJson(resp) if args.output == "json" else format_score(resp))
         return 0
     failures = 0
-    out = []
+    out: list[dict[str, Any]] = []
     total = len(applicants)
     for start, chunk in _chunks(applicants, args.batch_size):
-        resp = client.batch_score(chunk, explain=args.explain, top_k=args.top_k)
-        for result in resp.results:
+        batch = client.batch_score(chunk, explain=args.explain, top_k=args.top_k)
+        for result in batch.results:
             idx = start + result.index
             if result.HasField("error"):
                 failures += 1
@@ -165,6 +165,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--api-key", default=os.environ.get("CREDSCOPE_API_KEY"),
                    help="API key (env CREDSCOPE_API_KEY; prefer the variable: flags show in process lists)")
     p.add_argument("--timeout", type=float, default=10.0, help="deadline per call in seconds (default 10)")
+    p.add_argument("--tls", action="store_true", default=bool(os.environ.get("CREDSCOPE_TLS")),
+                   help="connect over TLS, trusting the system's root certificates (env CREDSCOPE_TLS=1); "
+                        "implied by --tls-ca")
+    p.add_argument("--tls-ca", metavar="FILE", default=os.environ.get("CREDSCOPE_TLS_CA"),
+                   help="connect over TLS, trusting this CA certificate file (PEM) (env CREDSCOPE_TLS_CA)")
+    p.add_argument("--tls-cert", metavar="FILE", default=os.environ.get("CREDSCOPE_TLS_CERT"),
+                   help="client certificate (PEM) for servers that require mutual TLS (env CREDSCOPE_TLS_CERT)")
+    p.add_argument("--tls-key", metavar="FILE", default=os.environ.get("CREDSCOPE_TLS_KEY"),
+                   help="private key of --tls-cert (PEM) (env CREDSCOPE_TLS_KEY)")
     p.add_argument("--output", choices=("table", "json"), default="table", help="output format")
     sub = p.add_subparsers(dest="command", required=True)
     s = sub.add_parser("score", help="score applicants from JSON or CSV",
@@ -188,8 +197,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    with CredScopeClient(args.target, api_key=args.api_key, timeout=args.timeout) as client:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if bool(args.tls_cert) != bool(args.tls_key):
+        parser.error("--tls-cert and --tls-key go together")
+    try:
+        client = CredScopeClient(args.target, api_key=args.api_key, timeout=args.timeout, tls=args.tls,
+                                 tls_ca=args.tls_ca, tls_cert=args.tls_cert, tls_key=args.tls_key)
+    except OSError as e:
+        print(f"credscope: cannot read a TLS file: {e}", file=sys.stderr)
+        return 2
+    with client:
         try:
             return int(args.func(args, client))
         except CredScopeRpcError as e:

@@ -7,9 +7,11 @@ channel's service config), and rich error decoding into :class:`CredScopeRpcErro
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import Any, cast
 
 import grpc
 from google.rpc import error_details_pb2
@@ -69,7 +71,8 @@ class CredScopeRpcError(Exception):
                 if isinstance(v, str):
                     metadata[k] = v
         err = cls(code=code, message=message or "", metadata=metadata)
-        status = rpc_status.from_call(e) if hasattr(e, "trailing_metadata") else None
+        # sync errors are grpc.Call objects, grpc.aio's AioRpcError has the same trailing_metadata()
+        status = rpc_status.from_call(cast(grpc.Call, e)) if hasattr(e, "trailing_metadata") else None
         for detail in status.details if status else ():
             if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
                 info = error_details_pb2.ErrorInfo()
@@ -104,6 +107,24 @@ def to_applicant(a: ApplicantLike) -> applicant_pb2.Applicant:
     return a if isinstance(a, applicant_pb2.Applicant) else applicant_from_mapping(a)
 
 
+PathLike = str | os.PathLike[str]
+
+
+def tls_credentials(ca: PathLike | None = None, cert: PathLike | None = None,
+                    key: PathLike | None = None) -> grpc.ChannelCredentials:
+    """Channel credentials for a TLS server: ``ca`` = the CA file (PEM) that signed the server's
+    certificate (None: the system's trusted roots); ``cert`` and ``key`` = this client's certificate and
+    key, for servers that require mutual TLS."""
+    if (cert is None) != (key is None):
+        raise ValueError("a client certificate needs its key and the other way round (tls_cert and tls_key)")
+
+    def read(path: PathLike | None) -> bytes | None:
+        return Path(path).read_bytes() if path is not None else None
+
+    return grpc.ssl_channel_credentials(root_certificates=read(ca), private_key=read(key),
+                                        certificate_chain=read(cert))
+
+
 class CredScopeClient:
     """Synchronous client. Use as a context manager, or call :meth:`close`.
 
@@ -113,7 +134,12 @@ class CredScopeClient:
 
     def __init__(self, target: str = DEFAULT_TARGET, *, api_key: str | None = None, timeout: float = 10.0,
                  credentials: grpc.ChannelCredentials | None = None, retries: bool = True,
-                 options: Sequence[tuple[str, Any]] = ()) -> None:
+                 options: Sequence[tuple[str, Any]] = (), tls: bool = False, tls_ca: PathLike | None = None,
+                 tls_cert: PathLike | None = None, tls_key: PathLike | None = None) -> None:
+        """``tls=True`` or any ``tls_*`` file: a TLS channel (see :func:`tls_credentials`); ``credentials``
+        gives ready-made channel credentials instead."""
+        if credentials is None and (tls or tls_ca or tls_cert or tls_key):
+            credentials = tls_credentials(tls_ca, tls_cert, tls_key)
         opts = [("grpc.enable_retries", 1 if retries else 0), ("grpc.service_config", SERVICE_CONFIG), *options]
         self.channel = (grpc.secure_channel(target, credentials, options=opts) if credentials
                         else grpc.insecure_channel(target, options=opts))
@@ -182,4 +208,4 @@ class CredScopeClient:
         return self.call(getattr(self.admin, name), request, timeout=timeout)
 
 
-__all__ = ["CredScopeClient", "CredScopeRpcError", "FieldProblem", "admin_pb2", "DEFAULT_TARGET"]
+__all__ = ["CredScopeClient", "CredScopeRpcError", "FieldProblem", "admin_pb2", "DEFAULT_TARGET", "tls_credentials"]

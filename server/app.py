@@ -10,15 +10,19 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from credscope.v1 import admin_pb2, admin_pb2_grpc, scoring_pb2, scoring_pb2_grpc
-from server import db, tracing
+from server import db, tracing, transport
 from server.audit.writer import AuditWriter
+from server.auth.throttle import FailedAuthThrottle
 from server.cached_scoring import open_caches
+from server.challenger import Challenger
 from server.interceptors.audit import AuditInterceptor
 from server.interceptors.auth import AuthInterceptor
 from server.interceptors.metrics import MetricsInterceptor
 from server.interceptors.ratelimit import RateLimitInterceptor
 from server.interceptors.request_id import RequestIdInterceptor
+from server.interceptors.throttle import AuthThrottleInterceptor
 from server.interceptors.tracing import TracingInterceptor
+from server.readiness import Readiness
 from server.runtime import Runtime
 from server.security import Security
 from server.services.admin import AdminService
@@ -53,9 +57,11 @@ class CredScopeServer:
         self.caches = open_caches(settings.cache)
         self.health = health.aio.HealthServicer()
         self.security = Security(settings)
+        self.auth_throttle = FailedAuthThrottle.from_settings(settings.auth)
         self.server = grpc.aio.server(interceptors=self.interceptors(), options=server_options(settings))
-        scoring_pb2_grpc.add_ScoringServiceServicer_to_server(ScoringService(self.runtime, settings, self.caches, audit=self.audit),
-                                                              self.server)
+        self.scoring = ScoringService(self.runtime, settings, self.caches, audit=self.audit)
+        scoring_pb2_grpc.add_ScoringServiceServicer_to_server(self.scoring, self.server)
+        self.challenger: Challenger | None = None
         admin_pb2_grpc.add_AdminServiceServicer_to_server(
             AdminService(self.runtime, api_keys=ApiKeyAdmin(self.security), caches=self.caches,
                          audit=self.audit), self.server)
@@ -64,6 +70,7 @@ class CredScopeServer:
         self.port = 0
         self.draining = False
         self._watch: asyncio.Task[None] | None = None
+        self._readiness: asyncio.Task[None] | None = None
 
     def interceptors(self) -> list[grpc.aio.ServerInterceptor]:
         # tracing → metrics → request id → audit → auth → rate limit (the audit sees every call the chain
@@ -71,8 +78,10 @@ class CredScopeServer:
         traced: list[grpc.aio.ServerInterceptor] = [TracingInterceptor()] if tracing.enabled() else []
         audit: list[grpc.aio.ServerInterceptor] = [AuditInterceptor(self.audit)] if self.audit is not None else []
         return [*traced, MetricsInterceptor(),
-                RequestIdInterceptor(accepting=lambda: not self.draining), *audit,
-                AuthInterceptor(self.security.verifier, allow_anonymous=self.settings.auth.allow_anonymous),
+                RequestIdInterceptor(accepting=lambda: not self.draining, defer_rejections=bool(audit)), *audit,
+                AuthThrottleInterceptor(self.auth_throttle),
+                AuthInterceptor(self.security.verifier, allow_anonymous=self.settings.auth.allow_anonymous,
+                                on_reject=self.auth_throttle.rejected),
                 RateLimitInterceptor(self.security.limiter, self.security.usage,
                                      max_batch=self.settings.server.max_batch_size)]
 
@@ -83,7 +92,10 @@ class CredScopeServer:
     async def start(self) -> int:
         """Bind, serve, load the model, then report SERVING. Returns the bound port."""
         s = self.settings.server
-        self.port = self.server.add_insecure_port(f"{s.host}:{s.port}")
+        credentials = transport.server_credentials(self.settings.tls)
+        address = f"{s.host}:{s.port}"
+        self.port = (self.server.add_secure_port(address, credentials) if credentials is not None
+                     else self.server.add_insecure_port(address))
         if self.port == 0:
             raise RuntimeError(f"could not bind {s.host}:{s.port}")
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
@@ -93,15 +105,23 @@ class CredScopeServer:
             await self.audit.start()  # applies the migrations; spools (and says so) if the database is down
         await self.server.start()
         scorer = await asyncio.to_thread(self.runtime.load)
+        await self._start_challenger()
         await self._log_cache()
-        await self._set_health(health_pb2.HealthCheckResponse.SERVING)
+        # SERVING from here on unless the model is gone or nothing can record audits (server/readiness.py)
+        self.readiness = Readiness(self.health, SERVED, model_loaded=lambda: self.runtime.ready,
+                                   audit=self.audit, interval=self.settings.server.health_check_seconds)
+        await self.readiness.update()
+        self._readiness = asyncio.create_task(self.readiness.run())
         self._watch = asyncio.create_task(self.runtime.watch())
-        log.info("serving model %s on %s:%d", scorer.version, s.host, self.port)
+        log.info("serving model %s on %s:%d, %s", scorer.version, s.host, self.port,
+                 transport.describe(self.settings.tls))
         return self.port
 
     async def stop(self, grace: float | None = None, drain: float | None = None) -> None:
         """Report NOT_SERVING and answer new calls UNAVAILABLE for the drain period (calls in flight go on),
         then stop, giving calls still in flight the grace period."""
+        if self._readiness is not None:
+            self._readiness.cancel()
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         self.draining = True
         if self._watch is not None:
@@ -110,10 +130,26 @@ class CredScopeServer:
         if drain > 0:
             await asyncio.sleep(drain)
         await self.server.stop(self.settings.server.grace_seconds if grace is None else grace)
+        if self.challenger is not None:
+            await self.challenger.close()  # shadow scores still queued are recorded first
         if self.audit is not None:
             await self.audit.close()  # drain: every queued record is written or spooled before exit
         await self.security.close()
         await self.caches.close()
+
+    async def _start_challenger(self) -> None:
+        """Champion/challenger: load the challenger version and shadow-score a share of applicants."""
+        version = self.settings.model.challenger_version
+        if not version:
+            return
+        if self.audit is None:
+            log.warning("challenger %s not started: the audit trail, where it records, is off", version)
+            return
+        self.challenger = await asyncio.to_thread(Challenger, self.settings, self.audit.store)
+        self.challenger.start()
+        self.scoring.challenger = self.challenger
+        log.info("challenger %s scores %.0f%% of applicants in shadow", version,
+                 100 * self.settings.model.challenger_share)
 
     async def _log_cache(self) -> None:
         """Say which cache serves (a Redis that does not answer yet is not fatal: scoring goes uncached)."""

@@ -33,11 +33,14 @@ class RequestContext:
     started: float = field(default_factory=time.perf_counter)
     principal: Principal | None = None
     response_metadata: dict[str, str] = field(default_factory=dict)
-    """Sent as initial metadata on success and as trailing metadata on error."""
+    """Sent as trailing metadata, on success and on error."""
     audit: list[Any] = field(default_factory=list)
     """Prediction records the servicer leaves for the audit interceptor."""
     error: str | None = None
     """Name of the status code the call ended with, when it failed."""
+    rejection: Any = None
+    """A CredScopeError the request-id layer found (bad x-request-id, undecodable message) and left for the
+    audit layer to raise, so that the refused call is audited too."""
 
     def elapsed_ms(self) -> float:
         return (time.perf_counter() - self.started) * 1000.0

@@ -141,3 +141,10 @@ async def abort(context: grpc.aio.ServicerContext, error: CredScopeError) -> Non
 class Unimplemented(CredScopeError):
     code = grpc.StatusCode.UNIMPLEMENTED
     reason = "UNIMPLEMENTED"
+
+
+class DeadlineExceeded(CredScopeError):
+    """The call's deadline passed before the server got to the work (nothing was scored)."""
+
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
+    reason = "DEADLINE_EXCEEDED"

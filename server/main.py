@@ -12,8 +12,10 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from pydantic import ValidationError
+
 from server.model import ModelNotFoundError
-from server.settings import Settings
+from server.settings import Settings, TlsSettings
 from server.workers import run_workers
 
 log = logging.getLogger("credscope.server")
@@ -31,6 +33,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--log-level", help="DEBUG, INFO, WARNING or ERROR (default INFO)")
     p.add_argument("--metrics-dir", type=Path,
                    help="prometheus multiprocess directory that credscope-telemetry serves (default: none)")
+    p.add_argument("--tls-cert", type=Path, help="server certificate chain (PEM): serve TLS only (with --tls-key)")
+    p.add_argument("--tls-key", type=Path, help="private key of --tls-cert (PEM)")
+    p.add_argument("--tls-client-ca", type=Path,
+                   help="CA certificates (PEM) that client certificates must chain to: mutual TLS, clients "
+                        "without a valid certificate are refused")
     p.add_argument("--workers", type=int, help="worker processes sharing the port (default: the host's cores; "
                    "1 serves in this process)")
     args = p.parse_args(argv)
@@ -55,7 +62,19 @@ def build_settings(args: argparse.Namespace) -> Settings:
         settings.telemetry.metrics_dir = args.metrics_dir
     if args.workers is not None:
         settings.server.workers = args.workers
+    if args.tls_cert or args.tls_key or args.tls_client_ca:
+        tls = settings.tls.model_dump()
+        tls.update({k: v for k, v in (("cert_file", args.tls_cert), ("key_file", args.tls_key),
+                                      ("client_ca_file", args.tls_client_ca)) if v is not None})
+        settings.tls = TlsSettings(**tls)
     return settings
+
+
+def settings_problem(e: ValidationError) -> str:
+    """A ValidationError as lines naming each setting, without the values given (they may be secrets)."""
+    lines = [f"  {'.'.join(str(p) for p in err['loc']) or 'settings'}: {err['msg']}"
+             for err in e.errors(include_input=False, include_url=False)]
+    return "invalid settings:\n" + "\n".join(lines)
 
 
 def prepare_metrics_dir(settings: Settings) -> None:
@@ -132,7 +151,11 @@ def _forget_worker(settings: Settings) -> Callable[[int], None] | None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    settings = build_settings(args)
+    try:
+        settings = build_settings(args)
+    except ValidationError as e:
+        print(f"credscope-server: {settings_problem(e)}", file=sys.stderr)
+        return 2
     logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     prepare_metrics_dir(settings)  # before the workers fork: each inherits PROMETHEUS_MULTIPROC_DIR
     if settings.server.workers > 1:

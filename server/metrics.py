@@ -79,6 +79,14 @@ RATELIMIT_FALLBACKS = Counter("credscope_ratelimit_fallbacks_total",
 ACTIVE_KEYS = Gauge("credscope_api_keys_active", "API keys that are neither revoked nor expired, by tier.",
                     ["tier"], multiprocess_mode="livemax")
 
+# --- hardening: failed authentication, throttled peers, expired deadlines ------------------------
+AUTH_FAILURES = Counter("credscope_auth_failures_total", "Calls refused by authentication (missing, invalid or "
+                        "revoked key; admin RPC without the admin flag), by ErrorInfo reason.", ["reason"])
+AUTH_THROTTLED = Counter("credscope_auth_throttled_total", "Calls refused without a key check because their "
+                         "client address failed authentication too often (brute-force slowing).")
+DEADLINE_EXPIRED = Counter("credscope_deadline_expired_total", "Calls ended with DEADLINE_EXCEEDED before a stage "
+                           "ran, because their deadline had passed (stage: scoring, explanation).", ["stage"])
+
 # --- audit (hooks for the audit component) ------------------------------------------------------
 AUDIT_QUEUE = Gauge("credscope_audit_queue_depth", "Audit records waiting to be written (summed over workers).",
                     multiprocess_mode="livesum")
@@ -181,9 +189,12 @@ def _child(metric: Any, *labels: str) -> Any:
 
 
 class _Prediction(Protocol):
-    probability: float
-    decision: str
-    risk_level: str
+    @property
+    def probability(self) -> float: ...
+    @property
+    def decision(self) -> str: ...
+    @property
+    def risk_level(self) -> str: ...
 
 
 def predictions(results: Sequence[_Prediction]) -> None:
@@ -281,6 +292,21 @@ def active_keys(counts: dict[str, int]) -> None:
         ACTIVE_KEYS.labels(tier).set(n)
 
 
+def auth_failed(reason: str) -> None:
+    """A call was refused by authentication (``reason``: the ErrorInfo reason, a small fixed set)."""
+    _record(_child(AUTH_FAILURES, reason), 1, _INC)
+
+
+def auth_throttled() -> None:
+    """A call was refused because its client address failed authentication too often."""
+    _record(AUTH_THROTTLED, 1, _INC)
+
+
+def deadline_expired(stage: str) -> None:
+    """A call's deadline had passed before ``stage``; it was not run."""
+    _record(_child(DEADLINE_EXPIRED, stage), 1, _INC)
+
+
 def audit_queue_depth(n: int) -> None:
     AUDIT_QUEUE.set(n)
 
@@ -353,3 +379,10 @@ def mark_dead(metrics_dir: str | os.PathLike[str], pid: int | None = None) -> No
         from prometheus_client import multiprocess
 
         multiprocess.mark_process_dead(pid or os.getpid(), str(metrics_dir))
+
+
+# --- champion/challenger -------------------------------------------------------------------------
+CHALLENGER_SCORED = Counter("credscope_challenger_scored_total", "Applicants the challenger model scored in shadow.")
+CHALLENGER_DROPPED = Counter("credscope_challenger_dropped_total",
+                             "Sampled applicants the challenger did not score or record, by reason "
+                             "(queue_full, error).", ["reason"])

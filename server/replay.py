@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import OrderedDict
+from typing import Any, cast
 
 from credscope.v1 import admin_pb2
 from server.audit.store import AuditedPrediction, AuditStoreError
@@ -83,8 +84,8 @@ class Replayer:
             log.warning("replay of %s with model %s differs from the record", rid, recorded.model_version)
         return admin_pb2.ReplayDecisionResponse(
             request_id=rid, model_version=recorded.model_version, recorded_probability=recorded.probability,
-            replayed_probability=probability, recorded_decision=DECISION[recorded.decision],
-            replayed_decision=DECISION[decision], recorded_reason_codes=recorded.reason_codes or [],
+            replayed_probability=probability, recorded_decision=cast(Any, DECISION[recorded.decision]),
+            replayed_decision=cast(Any, DECISION[decision]), recorded_reason_codes=recorded.reason_codes or [],
             replayed_reason_codes=codes or [], identical=identical)
 
     async def _find(self, writer: AuditWriter, rid: str) -> AuditedPrediction:

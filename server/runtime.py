@@ -68,7 +68,7 @@ class Runtime:
         async with self._switch:
             previous = self._scorer.version if self._scorer else ""
             try:
-                scorer = self._scorer if previous == version else await asyncio.to_thread(self._load, version)
+                scorer = self._scorer if self._scorer is not None and previous == version else await asyncio.to_thread(self._load, version)
             except ModelNotFoundError as e:
                 raise NotFound(f"model version {version!r} is not in the model store") from e
             except ModelError as e:

@@ -52,14 +52,13 @@ class Scorer:
             probs = self.model.predict_proba(rows)
             metrics.inference(time.perf_counter() - started, len(rows))
             if len(probs) >= _VECTOR_ROWS:
-                decision, risk, conf = self.policy.decide_array(probs)
+                decisions, risks, confs = self.policy.decide_array(probs)
                 out = [ScoreResult(p, DECISIONS[d], RISK_LEVELS[k], c, version)
-                       for p, d, k, c in zip(probs.tolist(), decision.tolist(), risk.tolist(), conf.tolist(),
+                       for p, d, k, c in zip(probs.tolist(), decisions.tolist(), risks.tolist(), confs.tolist(),
                                              strict=True)]
             else:
                 out = []
-                for p in probs:
-                    p = float(p)
+                for p in probs.tolist():
                     decision, risk, conf = self.policy.decide(p)
                     out.append(ScoreResult(p, decision, risk, conf, version))
             if span is not None and len(out) == 1:

@@ -30,6 +30,26 @@ class ServerSettings(BaseModel):
     drain_seconds: float = Field(1.0, ge=0, description="On SIGTERM, how long the server reports NOT_SERVING and "
                                  "answers new calls UNAVAILABLE (so clients and balancers move on) before it stops.")
     grace_seconds: float = Field(10.0, ge=0, description="On SIGTERM, time given to calls in flight.")
+    health_check_seconds: float = Field(0.5, gt=0, description="How often the health status is re-evaluated: "
+                                        "NOT_SERVING while no model is loaded or nothing can record audits.")
+
+
+class TlsSettings(BaseModel):
+    """Transport security. With cert_file and key_file the server speaks TLS only; with client_ca_file too,
+    mutual TLS: every client must present a certificate that chains to that CA."""
+
+    cert_file: Path | None = Field(None, description="Server certificate chain (PEM); TLS when set with key_file.")
+    key_file: Path | None = Field(None, description="Private key of cert_file (PEM).")
+    client_ca_file: Path | None = Field(None, description="CA certificates (PEM) client certificates must chain to; "
+                                        "when set, clients without a valid certificate are refused (mutual TLS).")
+
+    @model_validator(mode="after")
+    def _complete(self) -> TlsSettings:
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("tls.cert_file and tls.key_file go together: set both or neither")
+        if self.client_ca_file is not None and self.cert_file is None:
+            raise ValueError("tls.client_ca_file (mutual TLS) needs tls.cert_file and tls.key_file")
+        return self
 
 
 class ModelSettings(BaseModel):
@@ -44,6 +64,12 @@ class ModelSettings(BaseModel):
                                  "off the event loop (the TreeSHAP kernel releases the GIL).")
     watch_seconds: float = Field(2.0, ge=0, description="How often workers check the store's ACTIVE file and "
                                  "switch to the version it names (0 = never).")
+    challenger_version: str | None = Field(None, description="Champion/challenger: a model-store version that "
+                                           "scores a share of traffic in shadow (audited, never returned).")
+    challenger_share: float = Field(0.1, ge=0, le=1, description="Share of applicants (by a hash of the request "
+                                    "id) the challenger scores, 0 to 1.")
+    challenger_queue_size: int = Field(10_000, ge=1, description="Most applicants waiting for the challenger in "
+                                       "a worker; past it they are dropped (and counted).")
 
 
 class AuthSettings(BaseModel):
@@ -57,6 +83,13 @@ class AuthSettings(BaseModel):
                                      "keeps accepting keys it looked up before; past it, UNAVAILABLE.")
     usage_flush_seconds: float = Field(10.0, gt=0, description="How often a worker adds its per-key call counts "
                                        "to the key store (for AdminService.GetApiKeyStats).")
+    failed_auth_limit: int = Field(20, ge=0, description="Brute-force slowing: after this many failed "
+                                   "authentications from one client address within failed_auth_window_seconds, "
+                                   "its calls are refused (RESOURCE_EXHAUSTED, AUTH_THROTTLED) until the oldest "
+                                   "failure leaves the window. Per worker process; 0 = off.")
+    failed_auth_window_seconds: float = Field(60.0, gt=0, description="The window of failed_auth_limit.")
+    failed_auth_max_peers: int = Field(10_000, ge=1, description="Client addresses whose failures a worker "
+                                       "remembers (least recently failed dropped first).")
 
 
 class RateLimitSettings(BaseModel):
@@ -159,6 +192,7 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="CREDSCOPE_", env_nested_delimiter="__", extra="ignore")
 
     server: ServerSettings = ServerSettings()
+    tls: TlsSettings = TlsSettings()
     model: ModelSettings = ModelSettings()
     auth: AuthSettings = AuthSettings()
     rate_limit: RateLimitSettings = RateLimitSettings()

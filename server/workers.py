@@ -223,6 +223,7 @@ class _Supervisor:
                         log.error("worker %s (pid %d) exited with status %s during start-up",
                                   p.name, p.pid, p.exitcode)
                     return None
+                assert isinstance(obj, Connection)  # what is not a sentinel is a worker's pipe
                 try:
                     _port, version = obj.recv()
                 except EOFError:

@@ -47,6 +47,10 @@ def start_server(model_dir: Path, *, env: Mapping[str, str] | None = None, args:
     """Start ``credscope-server`` on 127.0.0.1 with a free port; return once it listens and serves."""
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("CREDSCOPE_")}
     full_env.update({"PYTHONUNBUFFERED": "1", "PYTHONPATH": str(ROOT)})
+    # Every test client calls from 127.0.0.1: brute-force slowing (failed auths per address) is off unless
+    # a test turns it on (tests/test_bruteforce.py), or tests that send bad keys on purpose would lock out
+    # the ones after them.
+    full_env["CREDSCOPE_AUTH__FAILED_AUTH_LIMIT"] = "0"
     full_env.update(env or {})
     cmd = [sys.executable, "-m", "server.main", "--host", "127.0.0.1", "--port", "0",
            "--model-dir", str(model_dir), *(args or [])]

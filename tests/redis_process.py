@@ -22,28 +22,33 @@ def free_port() -> int:
 class RedisProcess:
     """``redis-server --port <port> --save '' --appendonly no`` on 127.0.0.1, no persistence."""
 
-    def __init__(self, workdir: Path, port: int | None = None) -> None:
+    def __init__(self, workdir: Path, port: int | None = None, password: str | None = None) -> None:
         binary = shutil.which("redis-server")
         if binary is None:
             raise FileNotFoundError("redis-server is not on PATH")
         self.binary = binary
         self.workdir = workdir
         self.port = port or free_port()
+        self.password = password
+        """``--requirepass``: clients must authenticate (the URL carries it)."""
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        auth = f":{self.password}@" if self.password else ""
+        return f"redis://{auth}127.0.0.1:{self.port}/0"
 
     def start(self, timeout: float = 10.0) -> RedisProcess:
         self.proc = subprocess.Popen(
             [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-             "--dir", str(self.workdir), "--logfile", str(self.workdir / "redis.log")],
+             "--dir", str(self.workdir), "--logfile", str(self.workdir / "redis.log"),
+             *(["--requirepass", self.password] if self.password else [])],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + timeout
         while True:
             try:
-                with redis.Redis(port=self.port, socket_timeout=1, socket_connect_timeout=1) as r:
+                with redis.Redis(port=self.port, password=self.password, socket_timeout=1,
+                                 socket_connect_timeout=1) as r:
                     r.ping()
                 return self
             except redis.RedisError:
@@ -53,7 +58,7 @@ class RedisProcess:
                 time.sleep(0.05)
 
     def client(self) -> redis.Redis:
-        return redis.Redis(port=self.port, socket_timeout=5)
+        return redis.Redis(port=self.port, password=self.password, socket_timeout=5)
 
     def pause(self) -> None:
         """SIGSTOP: the port still accepts connections but nothing answers (a 'slow' Redis)."""

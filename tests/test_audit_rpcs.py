@@ -128,3 +128,24 @@ async def test_explanations_are_recorded_and_ranked(server, admin_key: str) -> N
         assert n[0][0] == 3
     recorded = {c.feature for c in r.explanation.contributions}
     assert recorded <= {f.feature for f in top.features} and all(f.count >= 1 for f in top.features)
+
+
+async def test_malformed_calls_are_audited_too(server) -> None:  # type: ignore[no-untyped-def]
+    """Undecodable bytes and a bad x-request-id are refused (INVALID_ARGUMENT) and still get an api_usage row,
+    without a prediction."""
+    with grpc.insecure_channel(server.target) as ch:
+        raw = ch.unary_unary("/credscope.v1.ScoringService/Score")
+        with pytest.raises(grpc.RpcError) as garbage:
+            raw(b"\xff\xff\xff\xff not a protobuf", timeout=10)
+        score = ch.unary_unary("/credscope.v1.ScoringService/Score",
+                               request_serializer=scoring_pb2.ScoreRequest.SerializeToString)
+        with pytest.raises(grpc.RpcError) as bad_id:
+            score(scoring_pb2.ScoreRequest(applicant=applicant()), metadata=[("x-request-id", "bad id!")], timeout=10)
+    url = f"sqlite:///{server.cwd / 'credscope.db'}"
+    for err in (garbage.value, bad_id.value):
+        assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+        rid = dict(err.trailing_metadata() or ())["x-request-id"]
+        rows = await eventually(lambda rid=rid: fetch(url, "SELECT status_code, error FROM api_usage "  # noqa: S608
+                                                           f"WHERE request_id = '{rid}'"))
+        assert rows[0] == ("INVALID_ARGUMENT", err.details())
+        assert await fetch(url, f"SELECT 1 FROM predictions WHERE request_id = '{rid}'") == []  # noqa: S608

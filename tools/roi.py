@@ -490,11 +490,21 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             same = False
     report, curve = build_report(model, baseline, params, baseline_scored=baseline_scored, same_applications=same,
                                  points=args.points, source=source)
+    if args.csv is None:  # champion vs challenger on the same applicants, when a challenger ran
+        from tools import roi_challenger
+
+        shadow = roi_challenger.section(roi_challenger.read_pairs(url), params)
+        if shadow is not None:
+            report["challenger"] = shadow
     out: Path = args.out_dir
     out.mkdir(parents=True, exist_ok=True)
     files = {"json": out / f"{args.name}.json", "png": out / f"{args.name}.png", "table": out / f"{args.name}.txt"}
     report["files"] = {k: str(v) for k, v in files.items()}
     table = render_table(report)
+    if "challenger" in report:
+        from tools.roi_challenger import render
+
+        table += render(report["challenger"])
     write_plot(report, curve, files["png"])
     files["table"].write_text(table, encoding="utf-8")
     files["json"].write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")

@@ -18,6 +18,8 @@ import asyncpg
 
 from server.audit.records import AuditEntry
 from server.audit.store import (
+    CHALLENGER_COLUMNS,
+    CHALLENGER_PAIRS,
     DECISIONS,
     PERCENTILES,
     PREDICTION_COLUMNS,
@@ -45,7 +47,7 @@ STAGING = (("predictions", "audit_stage_predictions", PREDICTION_COLUMNS, "reque
 CREATE_STAGING = "\n".join(
     f"CREATE TEMP TABLE IF NOT EXISTS {stage} (LIKE {table}) ON COMMIT DELETE ROWS;"
     for table, stage, _, _ in STAGING)
-MOVE = {table: f"INSERT INTO {table} ({', '.join(cols)}) SELECT {', '.join(cols)} FROM {stage} "  # noqa: S608
+MOVE = {table: f"INSERT INTO {table} ({', '.join(cols)}) SELECT {', '.join(cols)} FROM {stage} "  # noqa: S608  # nosec B608  # constant table and column names
                f"ON CONFLICT ({key}) DO NOTHING" for table, stage, cols, key in STAGING}
 
 #: Errors about the data itself: the same batch would fail again.
@@ -117,16 +119,16 @@ class PostgresAuditStore:
         async def stats(conn: asyncpg.Connection) -> Stats:
             async with conn.transaction(isolation="repeatable_read", readonly=True):
                 row = await conn.fetchrow(
-                    "SELECT count(*) AS n, avg(probability) AS mean_p, avg(from_cache::int) AS hit, "  # noqa: S608
+                    "SELECT count(*) AS n, avg(probability) AS mean_p, avg(from_cache::int) AS hit, "  # noqa: S608  # nosec B608  # constant table and column names
                     "percentile_cont($3::float8[]) WITHIN GROUP (ORDER BY latency_ms) AS pct "
                     f"FROM predictions WHERE {window}", start, end, list(PERCENTILES))
                 by_decision = {r[0]: r[1] for r in await conn.fetch(
-                    f"SELECT decision, count(*) FROM predictions WHERE {window} GROUP BY decision", start, end)}  # noqa: S608
+                    f"SELECT decision, count(*) FROM predictions WHERE {window} GROUP BY decision", start, end)}  # noqa: S608  # nosec B608  # constant window; values are bound parameters
                 by_risk = {r[0]: r[1] for r in await conn.fetch(
-                    f"SELECT risk_level, count(*) FROM predictions WHERE {window} GROUP BY risk_level",  # noqa: S608
+                    f"SELECT risk_level, count(*) FROM predictions WHERE {window} GROUP BY risk_level",  # noqa: S608  # nosec B608  # constant window; values are bound parameters
                     start, end)}
                 errors = await conn.fetchval(
-                    f"SELECT count(*) FROM api_usage WHERE {window} AND status_code <> 'OK'", start, end)  # noqa: S608
+                    f"SELECT count(*) FROM api_usage WHERE {window} AND status_code <> 'OK'", start, end)  # noqa: S608  # nosec B608  # constant window; values are bound parameters
             pct = row["pct"] or [0.0] * len(PERCENTILES)
             return Stats(total=row["n"], by_decision={d: by_decision.get(d, 0) for d in DECISIONS},
                          by_risk_level={r: by_risk.get(r, 0) for r in RISK_LEVELS},
@@ -171,8 +173,23 @@ class PostgresAuditStore:
 
     async def prediction(self, request_id: str) -> AuditedPrediction | None:
         row = await self._with_conn(lambda conn: conn.fetchrow(
-            f"SELECT {REPLAY_COLUMNS} FROM predictions WHERE request_id = $1", request_id))  # noqa: S608
+            f"SELECT {REPLAY_COLUMNS} FROM predictions WHERE request_id = $1", request_id))  # noqa: S608  # nosec B608  # constant table/column names; values are bound parameters
         return None if row is None else audited_prediction(*row)
+
+    async def write_challenger(self, rows: Sequence[tuple[Any, ...]]) -> None:
+        cols = ", ".join(CHALLENGER_COLUMNS)
+        sql = (f"INSERT INTO challenger_predictions ({cols}) VALUES ($1, $2, $3, $4, $5) "  # noqa: S608  # nosec B608  # constant table/column names; values are bound parameters
+               "ON CONFLICT (request_id) DO NOTHING")
+        if rows:
+            async def write(conn: asyncpg.Connection) -> None:
+                async with conn.transaction():
+                    await conn.executemany(sql, list(rows))
+
+            await self._with_conn(write)
+
+    async def challenger_pairs(self, start: datetime, end: datetime) -> list[tuple[Any, ...]]:
+        rows = await self._with_conn(lambda conn: conn.fetch(CHALLENGER_PAIRS.format("$1", "$2"), start, end))
+        return [tuple(r) for r in rows]
 
     async def close(self) -> None:
         pool, self._pool = self._pool, None

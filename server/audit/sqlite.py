@@ -20,6 +20,8 @@ from typing import Any, TypeVar
 
 from server.audit.records import AuditEntry, iso_utc
 from server.audit.store import (
+    CHALLENGER_COLUMNS,
+    CHALLENGER_PAIRS,
     DECISIONS,
     PERCENTILES,
     PREDICTION_COLUMNS,
@@ -55,7 +57,7 @@ class _Insert:
     @functools.cache  # noqa: B019 - three module-level instances
     def sql(self, rows: int) -> str:
         one = f"({', '.join('?' * len(self.columns))})"
-        return (f"INSERT INTO {self.table} ({', '.join(self.columns)}) VALUES {', '.join([one] * rows)} "  # noqa: S608
+        return (f"INSERT INTO {self.table} ({', '.join(self.columns)}) VALUES {', '.join([one] * rows)} "  # noqa: S608  # nosec B608  # constant table and column names
                 f"ON CONFLICT ({self.conflict}) DO NOTHING")
 
     def run(self, conn: sqlite3.Connection, rows: list[tuple[Any, ...]]) -> None:
@@ -67,6 +69,7 @@ class _Insert:
 INSERT_PREDICTIONS = _Insert("predictions", PREDICTION_COLUMNS, "request_id")
 INSERT_SHAP = _Insert("shap_explanations", SHAP_COLUMNS, "request_id, rank")
 INSERT_USAGE = _Insert("api_usage", USAGE_COLUMNS, "request_id")
+INSERT_CHALLENGER = _Insert("challenger_predictions", CHALLENGER_COLUMNS, "request_id")
 
 
 @contextmanager
@@ -158,20 +161,20 @@ class SqliteAuditStore:
         args = (start, end)
         with _transaction(conn, "BEGIN"):  # one snapshot for all the queries
             n, mean_p, hit = conn.execute(
-                f"SELECT count(*), avg(probability), avg(from_cache) FROM predictions WHERE {window}",  # noqa: S608
+                f"SELECT count(*), avg(probability), avg(from_cache) FROM predictions WHERE {window}",  # noqa: S608  # nosec B608  # constant window; values are bound parameters
                 args).fetchone()
             by_decision = dict(conn.execute(
-                f"SELECT decision, count(*) FROM predictions WHERE {window} GROUP BY decision", args).fetchall())  # noqa: S608
+                f"SELECT decision, count(*) FROM predictions WHERE {window} GROUP BY decision", args).fetchall())  # noqa: S608  # nosec B608  # constant window; values are bound parameters
             by_risk = dict(conn.execute(
-                f"SELECT risk_level, count(*) FROM predictions WHERE {window} GROUP BY risk_level",  # noqa: S608
+                f"SELECT risk_level, count(*) FROM predictions WHERE {window} GROUP BY risk_level",  # noqa: S608  # nosec B608  # constant window; values are bound parameters
                 args).fetchall())
 
             def at(i: int) -> float:
-                return conn.execute(f"SELECT latency_ms FROM predictions WHERE {window} "  # noqa: S608
+                return conn.execute(f"SELECT latency_ms FROM predictions WHERE {window} "  # noqa: S608  # nosec B608  # constant window; values are bound parameters
                                     "ORDER BY latency_ms LIMIT 1 OFFSET ?", (*args, i)).fetchone()[0]
 
             latency = {q: interpolate(at, n, q) for q in PERCENTILES}
-            errors = conn.execute(f"SELECT count(*) FROM api_usage WHERE {window} AND status_code <> 'OK'",  # noqa: S608
+            errors = conn.execute(f"SELECT count(*) FROM api_usage WHERE {window} AND status_code <> 'OK'",  # noqa: S608  # nosec B608  # constant window; values are bound parameters
                                   args).fetchone()[0]
         return Stats(total=n, by_decision={d: by_decision.get(d, 0) for d in DECISIONS},
                      by_risk_level={r: by_risk.get(r, 0) for r in RISK_LEVELS}, mean_probability=mean_p or 0.0,
@@ -216,8 +219,22 @@ class SqliteAuditStore:
 
     async def prediction(self, request_id: str) -> AuditedPrediction | None:
         row = await self._run(lambda: self._connection().execute(
-            f"SELECT {REPLAY_COLUMNS} FROM predictions WHERE request_id = ?", (request_id,)).fetchone())  # noqa: S608
+            f"SELECT {REPLAY_COLUMNS} FROM predictions WHERE request_id = ?", (request_id,)).fetchone())  # noqa: S608  # nosec B608  # constant table/column names; values are bound parameters
         return None if row is None else audited_prediction(*row)
+
+    async def write_challenger(self, rows: Sequence[tuple[Any, ...]]) -> None:
+        def write() -> None:
+            conn = self._connection()
+            with _transaction(conn, "BEGIN IMMEDIATE"):
+                INSERT_CHALLENGER.run(conn, _iso_rows(list(rows), 1))
+
+        if rows:
+            await self._run(write)
+
+    async def challenger_pairs(self, start: datetime, end: datetime) -> list[tuple[Any, ...]]:
+        sql = CHALLENGER_PAIRS.format("?", "?")
+        rows = await self._run(lambda: self._connection().execute(sql, (iso_utc(start), iso_utc(end))).fetchall())
+        return [(*r[:5], None if r[5] is None else bool(r[5])) for r in rows]
 
     async def close(self) -> None:
         def _close() -> None:

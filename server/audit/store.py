@@ -29,6 +29,11 @@ PREDICTION_COLUMNS = ("request_id", "created_at", "key_id", "client_name", "meth
                       "decision", "risk_level", "confidence", "model_version", "latency_ms", "from_cache",
                       "reason_codes")
 SHAP_COLUMNS = ("request_id", "rank", "feature", "value", "shap_value")
+CHALLENGER_COLUMNS = ("request_id", "created_at", "model_version", "probability", "decision")
+CHALLENGER_PAIRS = ("SELECT p.probability, p.decision, c.model_version, c.probability, c.decision, o.defaulted "
+                    "FROM predictions p JOIN challenger_predictions c ON c.request_id = p.request_id "
+                    "LEFT JOIN outcomes o ON o.request_id = p.request_id "
+                    "WHERE p.created_at >= {0} AND p.created_at < {1}")
 USAGE_COLUMNS = ("request_id", "created_at", "key_id", "tier", "method", "status_code", "duration_ms", "error")
 
 
@@ -123,6 +128,14 @@ class AuditStore(Protocol):
 
     async def prediction(self, request_id: str) -> AuditedPrediction | None:
         """The recorded input and decision of a request id (None when there is none)."""
+
+    async def write_challenger(self, rows: Sequence[tuple[Any, ...]]) -> None:
+        """Insert ``challenger_predictions`` rows (CHALLENGER_COLUMNS order; created_at an aware datetime);
+        rows whose request id exists are skipped."""
+
+    async def challenger_pairs(self, start: datetime, end: datetime) -> list[tuple[Any, ...]]:
+        """(champion probability, champion decision, challenger version, challenger probability, challenger
+        decision, defaulted or None) of the predictions made in [start, end) that the challenger scored."""
 
     async def close(self) -> None:
         """Release connections."""

@@ -142,25 +142,25 @@ class SqliteKeyStore:
 
     async def create(self, record: ApiKeyRecord) -> None:
         await self._run(lambda c: c.execute(
-            f"INSERT INTO api_keys ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)",  # noqa: S608 - constant columns
+            f"INSERT INTO api_keys ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)",  # noqa: S608  # nosec B608  # constant columns; values are bound parameters
             (record.key_id, record.key_hash, record.name, record.tier, int(record.admin), _iso(record.created_at),
              _iso(record.revoked_at) if record.revoked_at else None)))
 
     async def get(self, key_id: str) -> ApiKeyRecord | None:
         row = await self._run(lambda c: c.execute(
-            f"SELECT {_COLUMNS} FROM api_keys WHERE key_id = ?", (key_id,)).fetchone())  # noqa: S608
+            f"SELECT {_COLUMNS} FROM api_keys WHERE key_id = ?", (key_id,)).fetchone())  # noqa: S608  # nosec B608  # constant columns; values are bound parameters
         return _record(row) if row else None
 
     async def list_keys(self, include_revoked: bool = False) -> list[ApiKeyRecord]:
         where = "" if include_revoked else " WHERE revoked_at IS NULL"
         rows = await self._run(lambda c: c.execute(
-            f"SELECT {_COLUMNS} FROM api_keys{where} ORDER BY created_at, key_id").fetchall())  # noqa: S608
+            f"SELECT {_COLUMNS} FROM api_keys{where} ORDER BY created_at, key_id").fetchall())  # noqa: S608  # nosec B608  # constant columns; values are bound parameters
         return [_record(r) for r in rows]
 
     async def revoke(self, key_id: str, at: datetime) -> ApiKeyRecord | None:
         def run(c: sqlite3.Connection) -> Any:
             c.execute("UPDATE api_keys SET revoked_at = COALESCE(revoked_at, ?) WHERE key_id = ?", (_iso(at), key_id))
-            return c.execute(f"SELECT {_COLUMNS} FROM api_keys WHERE key_id = ?", (key_id,)).fetchone()  # noqa: S608
+            return c.execute(f"SELECT {_COLUMNS} FROM api_keys WHERE key_id = ?", (key_id,)).fetchone()  # noqa: S608  # nosec B608  # constant columns; values are bound parameters
 
         row = await self._run(run)
         return _record(row) if row else None
@@ -225,24 +225,24 @@ class PostgresKeyStore:
 
     async def create(self, record: ApiKeyRecord) -> None:
         await self._run(lambda c: c.execute(
-            f"INSERT INTO api_keys ({_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7)",  # noqa: S608
+            f"INSERT INTO api_keys ({_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7)",  # noqa: S608  # nosec B608  # constant columns; values are bound parameters
             record.key_id, record.key_hash, record.name, record.tier, record.admin, record.created_at,
             record.revoked_at))
 
     async def get(self, key_id: str) -> ApiKeyRecord | None:
         row = await self._run(lambda c: c.fetchrow(
-            f"SELECT {_COLUMNS} FROM api_keys WHERE key_id = $1", key_id))  # noqa: S608
+            f"SELECT {_COLUMNS} FROM api_keys WHERE key_id = $1", key_id))  # noqa: S608  # nosec B608  # constant columns; values are bound parameters
         return _record(row) if row else None
 
     async def list_keys(self, include_revoked: bool = False) -> list[ApiKeyRecord]:
         where = "" if include_revoked else " WHERE revoked_at IS NULL"
         rows = await self._run(lambda c: c.fetch(
-            f"SELECT {_COLUMNS} FROM api_keys{where} ORDER BY created_at, key_id"))  # noqa: S608
+            f"SELECT {_COLUMNS} FROM api_keys{where} ORDER BY created_at, key_id"))  # noqa: S608  # nosec B608  # constant columns; values are bound parameters
         return [_record(r) for r in rows]
 
     async def revoke(self, key_id: str, at: datetime) -> ApiKeyRecord | None:
         row = await self._run(lambda c: c.fetchrow(
-            f"UPDATE api_keys SET revoked_at = COALESCE(revoked_at, $1) WHERE key_id = $2 "  # noqa: S608
+            f"UPDATE api_keys SET revoked_at = COALESCE(revoked_at, $1) WHERE key_id = $2 "  # noqa: S608  # nosec B608  # constant columns; values are bound parameters
             f"RETURNING {_COLUMNS}", at, key_id))
         return _record(row) if row else None
 

@@ -43,6 +43,9 @@ class AuditInterceptor(AroundInterceptor):
         status = "OK"
         message: str | None = None
         try:
+            ctx = rc.current()
+            if ctx is not None and ctx.rejection is not None:  # refused by the request-id layer: audit it
+                raise ctx.rejection
             return await behavior(request, context)
         except CredScopeError as e:
             status, message = e.code.name, e.message

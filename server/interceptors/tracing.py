@@ -19,6 +19,7 @@ from typing import Any
 import grpc
 from grpc.aio import AbortError
 from opentelemetry import propagate
+from opentelemetry.propagators.textmap import Getter
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from server import context as rc
@@ -32,16 +33,14 @@ SERVER_FAULTS = frozenset({grpc.StatusCode.UNKNOWN, grpc.StatusCode.DEADLINE_EXC
                            grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DATA_LOSS})
 
 
-class _Metadata:
+class _Metadata(Getter[dict[str, str]]):
     """A getter over the call metadata for the propagator (keys are lower case in gRPC)."""
 
-    @staticmethod
-    def get(carrier: dict[str, str], key: str) -> list[str] | None:
+    def get(self, carrier: dict[str, str], key: str) -> list[str] | None:
         value = carrier.get(key.lower())
         return [value] if value is not None else None
 
-    @staticmethod
-    def keys(carrier: dict[str, str]) -> list[str]:
+    def keys(self, carrier: dict[str, str]) -> list[str]:
         return list(carrier)
 
 

@@ -21,6 +21,7 @@ from credscope.v1 import admin_pb2, scoring_pb2
 from server.audit.records import Contribution
 from server.audit.store import AuditStoreError, OutcomeResult
 from server.audit.writer import AuditUnavailable, AuditWriter
+from server.challenger import compare
 from server.convert import DECISION_NAME, RISK_LEVEL
 from server.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable, Violation
 from server.scoring import ScoreResult
@@ -114,15 +115,23 @@ async def get_stats(writer: AuditWriter | None, request: admin_pb2.GetStatsReque
     await _flush(writer)
     try:
         stats = await writer.store.stats(start, end)
+        comparison = compare(await writer.store.challenger_pairs(start, end))
     except AuditStoreError as e:
         raise _unavailable(e) from e
-    return admin_pb2.GetStatsResponse(
+    response = admin_pb2.GetStatsResponse(
         total_predictions=stats.total,
         by_decision=[admin_pb2.LabelCount(label=k, count=v) for k, v in stats.by_decision.items()],
         by_risk_level=[admin_pb2.LabelCount(label=k, count=v) for k, v in stats.by_risk_level.items()],
         mean_probability=stats.mean_probability, latency_p50_ms=stats.latency_ms[0.5],
         latency_p95_ms=stats.latency_ms[0.95], latency_p99_ms=stats.latency_ms[0.99],
         cache_hit_rate=stats.cache_hit_rate, error_calls=stats.error_calls)
+    if comparison is not None:
+        c = comparison
+        response.challenger.CopyFrom(admin_pb2.ChallengerComparison(
+            challenger_version=c.challenger_version, compared=c.compared, agreement_rate=c.agreement_rate,
+            approval_rate_difference=c.approval_rate_difference, champion_auc=c.champion_auc,
+            challenger_auc=c.challenger_auc))
+    return response
 
 
 async def list_top_features(writer: AuditWriter | None, request: admin_pb2.ListTopFeaturesRequest

@@ -12,10 +12,11 @@ import numpy as np
 
 from credscope.v1 import scoring_pb2, scoring_pb2_grpc
 from server import context as rc
-from server import input_signals, metrics, tracing
+from server import deadline, input_signals, metrics, tracing
 from server.audit.records import audit_prediction
 from server.audit.writer import AuditWriter
 from server.cached_scoring import Caches, explain_rows, score_rows
+from server.challenger import Challenger
 from server.convert import (
     applicant_to_row,
     explain_top_k,
@@ -57,8 +58,9 @@ def _request_id(given: str, field: str = "request_id") -> str:
 
 class ScoringService(scoring_pb2_grpc.ScoringServiceServicer):
     def __init__(self, runtime: Runtime, settings: Settings, caches: Caches | None = None, *,
-                 audit: AuditWriter | None = None) -> None:
+                 audit: AuditWriter | None = None, challenger: Challenger | None = None) -> None:
         self.runtime = runtime
+        self.challenger = challenger
         self.settings = settings
         self.caches = caches
         self.audit = audit
@@ -92,20 +94,24 @@ class ScoringService(scoring_pb2_grpc.ScoringServiceServicer):
         top_k = explain_top_k(request.explain, len(scorer.model.features))
         matrix = rows_to_matrix([row])
         input_signals.observe(scorer, matrix)
+        deadline.check(context, "scoring")
         [(result, from_cache)] = await score_rows(scorer, matrix, self.caches)
         response = scoring_pb2.ScoreResponse()
         fill_prediction(response, result, request_id, from_cache=from_cache)
         tracing.set_attributes(model_version=result.model_version, decision=result.decision, from_cache=from_cache)
         full = None  # adverse decisions are explained for their reasons even when no explanation was asked
         if top_k is not None or needs_explanation(scorer, result.decision):
+            deadline.check(context, "explanation")
             full = (await self._explain(scorer, matrix))[0]
-        if top_k is not None:
+        if top_k is not None and full is not None:
             fill_explanation(response.explanation, full.top(top_k))
         codes = adverse_reasons(response.reasons, scorer, result, full)
         response.timestamp.CopyFrom(timestamp(time.time()))
         response.processing_time_ms = (time.perf_counter() - started) * 1000.0
         audit_prediction(request_id, row, result, response.processing_time_ms, from_cache=response.from_cache,
                          explanation=explanation_of(response), reason_codes=codes)
+        if self.challenger is not None:  # shadow scoring, queued without waiting
+            self.challenger.offer([request_id], matrix)
         return response
 
     async def BatchScore(self, request: scoring_pb2.BatchScoreRequest, context: grpc.aio.ServicerContext
@@ -144,6 +150,7 @@ class ScoringService(scoring_pb2_grpc.ScoringServiceServicer):
         metrics.prediction_error("invalid_argument", n - len(rows))
         matrix = rows_to_matrix(rows)
         input_signals.observe(scorer, matrix)
+        deadline.check(context, "scoring")
         pairs = await score_rows(scorer, matrix, self.caches) if rows else []
         scored = [res for res, _ in pairs]
         tracing.set_attributes(model_version=scorer.version, batch_size=n,
@@ -152,6 +159,8 @@ class ScoringService(scoring_pb2_grpc.ScoringServiceServicer):
             fill_prediction(response.results[i].prediction, res, f"{request_id}/{i}", from_cache=from_cache)
         want = list(range(len(rows))) if top_k is not None else [
             j for j, (res, _) in enumerate(pairs) if needs_explanation(scorer, res.decision)]
+        if want:
+            deadline.check(context, "explanation")
         explained = dict(zip(want, await self._explain(scorer, matrix if len(want) == len(rows) else matrix[want]),
                              strict=True)) if want else {}
         codes = []
@@ -166,6 +175,8 @@ class ScoringService(scoring_pb2_grpc.ScoringServiceServicer):
             p = response.results[i].prediction
             audit_prediction(p.request_id, row, result_of(p), response.processing_time_ms, from_cache=p.from_cache,
                              explanation=explanation_of(p), reason_codes=reason_codes)
+        if self.challenger is not None and rows:  # shadow scoring, queued without waiting
+            self.challenger.offer([f"{request_id}/{i}" for i in positions], matrix)
         return response
 
     async def GetModelInfo(self, request: scoring_pb2.GetModelInfoRequest, context: grpc.aio.ServicerContext
