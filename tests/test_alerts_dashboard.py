@@ -49,7 +49,8 @@ def test_alert_rules_pass_promtool() -> None:
     check = subprocess.run([tool, "check", "rules", str(TELEMETRY / "alerts.yml")], capture_output=True, text=True,
                            timeout=60)
     assert check.returncode == 0, check.stdout + check.stderr
-    assert "SUCCESS: 10 rules found" in check.stdout
+    rules = sum(1 for line in (TELEMETRY / "alerts.yml").read_text().splitlines() if line.strip().startswith("- alert:"))
+    assert rules >= 10 and f"SUCCESS: {rules} rules found" in check.stdout  # promtool read every rule of the file
     test = subprocess.run([tool, "test", "rules", str(TELEMETRY / "alerts_test.yml")], capture_output=True,
                           text=True, timeout=60)
     assert test.returncode == 0, test.stdout + test.stderr

@@ -125,7 +125,7 @@ def test_no_key_or_password_in_logs_errors_spans_metrics_or_rows(  # type: ignor
            "CREDSCOPE_TELEMETRY__OTLP_ENDPOINT": f"http://127.0.0.1:{collector.port}",  # type: ignore[attr-defined]
            "OTEL_BSP_SCHEDULE_DELAY": "100", "CREDSCOPE_AUTH__KEY_CACHE_SECONDS": "0.2",
            "CREDSCOPE_AUTH__FAILED_AUTH_LIMIT": str(FAILED_AUTH_LIMIT), "CREDSCOPE_SERVER__DRAIN_SECONDS": "0"}
-    # One worker, so that the failed authentications below all count in the process that throttles.
+    # One worker: the failed-auth table is per worker, and each client below opens its own connection.
     sp = start_server(model_dir, cwd=tmp_path, env=env, args=["--log-level", "DEBUG", "--workers", "1"])
     sidecar = start_sidecar(["--metrics-dir", str(metrics_dir), "--audit-url", pg_role.dsn, "--model-dir",
                              str(model_dir), "--out", str(tmp_path / "reports")],
