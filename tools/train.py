@@ -28,10 +28,8 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
 import platform
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -49,6 +47,7 @@ from sklearn.model_selection import train_test_split
 from sklearn.pipeline import Pipeline
 from sklearn.utils.validation import check_is_fitted
 
+from server.model import set_active, write_atomic
 from server.reasons import DEFAULT_CATALOGUE
 from server.schema import (
     BY_NAME,
@@ -495,21 +494,6 @@ def _onnx_proba(onnx_bytes: bytes, x: np.ndarray) -> np.ndarray:
 # The model store
 # --------------------------------------------------------------------------------------------
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temporary file in the same directory and ``os.replace``."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; the server may run as another user
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _metadata_json(metadata: dict[str, Any]) -> str:
     """Indented JSON, except the reference sample, which gets one compact line per row."""
     sample = metadata["reference"]["sample"]
@@ -661,11 +645,11 @@ def train(data: Path | None = None, *, rows: int = 100_000, seed: int = 42, mode
     version_dir.mkdir(parents=True, exist_ok=True)
     onnx_path = version_dir / "model.onnx"
     metadata_path = version_dir / "metadata.json"
-    _write_atomic(onnx_path, onnx_bytes)
+    write_atomic(onnx_path, onnx_bytes)
     metadata["training"]["duration_seconds"] = round(time.perf_counter() - started, 2)
-    _write_atomic(metadata_path, _metadata_json(metadata).encode())
+    write_atomic(metadata_path, _metadata_json(metadata).encode())
     if activate:
-        _write_atomic(model_dir / "ACTIVE", (version + "\n").encode())
+        set_active(model_dir, version)
     stage("store", f"{version_dir}{' (active)' if activate else ' (not activated)'}")
     return TrainResult(version=version, model_dir=model_dir, onnx_path=onnx_path, metadata_path=metadata_path,
                        metadata=metadata, activated=activate, pipeline=pipeline, timings=timings)
