@@ -105,7 +105,10 @@ async def _dump_tables(dsn: str) -> str:
 
 
 def secret_part(api_key: str) -> str:
-    return api_key.rsplit("_", 1)[-1]
+    """The 43-character secret of ``csk_<id>_<secret>`` (the secret itself may contain ``_``)."""
+    secret = api_key.split("_", 2)[2]
+    assert len(secret) == 43, api_key
+    return secret
 
 
 def error_text(e: CredScopeRpcError) -> str:
