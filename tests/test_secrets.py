@@ -174,7 +174,7 @@ def test_no_key_or_password_in_logs_errors_spans_metrics_or_rows(  # type: ignor
                     assert time.monotonic() < deadline, "the revoked key was still accepted"
                     time.sleep(0.1)
         made_up = [f"csk_{secrets.token_hex(8)}_{secrets.token_urlsafe(32)}" for _ in range(3)]
-        wrong_secret = f"{user_key.rsplit('_', 1)[0]}_{secrets.token_urlsafe(32)}"
+        wrong_secret = f"csk_{user_key.split('_', 2)[1]}_{secrets.token_urlsafe(32)}"  # a real id
         keys += [*made_up, wrong_secret]
         for k in [*made_up, wrong_secret]:
             with CredScopeClient(sp.target, api_key=k, retries=False) as c:
