@@ -178,8 +178,7 @@ def _tree_shap_kernel(x: np.ndarray, path_start: np.ndarray, path_value: np.ndar
                 z = elem_z[e]
                 # the row satisfies the element: v in (lo, hi], or v missing and NaN goes this way
                 # (lo is NaN when unbounded below, then "v <= lo" is false)
-                o = np.int64(v <= elem_hi[e]) * (1 - np.int64(v <= elem_lo[e])) + np.int64(v != v) * np.int64(
-                    elem_nan[e])
+                o = int(v <= elem_hi[e]) * (1 - int(v <= elem_lo[e])) + int(v != v) * int(elem_nan[e])
                 feat_a[a] = feature
                 z_a[a] = z
                 feat_b[i - a] = feature
