@@ -335,12 +335,37 @@ async def explain_rows(scorer: Scorer, matrix: np.ndarray, caches: Caches | None
     """
     from server.explain import Explanation
 
+    return await _through_cache(scorer, matrix, caches, compute, "", Explanation.from_dict, lambda e: e.to_dict())
+
+
+#: Reason codes live in the explanation cache's namespace, under keys of their own.
+REASONS_KEY = "reasons/"
+
+
+def _codes(value: Any) -> list[str]:
+    if not isinstance(value, list) or not all(isinstance(c, str) for c in value):
+        raise TypeError("not a list of reason codes")
+    return value
+
+
+async def reason_rows(scorer: Scorer, matrix: np.ndarray, caches: Caches | None,
+                      compute: Callable[[Scorer, np.ndarray], Any]) -> list[list[str]]:
+    """Adverse-action reason codes of an encoded matrix through the explanation cache (its own keys):
+    ``compute(scorer, rows)`` (e.g. ``Scorer.reason_codes`` in a thread) is awaited for the misses only."""
+    return await _through_cache(scorer, matrix, caches, compute, REASONS_KEY, _codes, list)
+
+
+async def _through_cache(scorer: Scorer, matrix: np.ndarray, caches: Caches | None,
+                         compute: Callable[[Scorer, np.ndarray], Any], prefix: str,
+                         decode: Callable[[Any], Any], encode: Callable[[Any], Any]) -> list[Any]:
+    """Values per row from the explanation cache (keys ``prefix + digest``), computed for the misses only
+    (one ``compute`` call) and written back; an entry that does not ``decode`` is computed again."""
     if len(matrix) == 0:
         return []
     if caches is None or not caches.enabled:
         return list(await compute(scorer, matrix))
     version = scorer.version
-    digests = matrix_digests(matrix)
+    digests = [prefix + d for d in matrix_digests(matrix)]
     found = await caches.explanations.get_many(version, digests)
     out: list[Any] = [None] * len(found)
     missing = []
@@ -349,12 +374,12 @@ async def explain_rows(scorer: Scorer, matrix: np.ndarray, caches: Caches | None
             missing.append(i)
             continue
         try:
-            out[i] = Explanation.from_dict(value)
+            out[i] = decode(value)
         except (KeyError, TypeError, ValueError):
             missing.append(i)  # an entry of another shape: compute it again
     if missing:
         computed = await compute(scorer, matrix if len(missing) == len(matrix) else matrix[missing])
-        for i, explanation in zip(missing, computed, strict=True):
-            out[i] = explanation
-        await caches.explanations.put_later(version, [(digests[i], out[i].to_dict()) for i in missing])
+        for i, value in zip(missing, computed, strict=True):
+            out[i] = value
+        await caches.explanations.put_later(version, [(digests[i], encode(out[i])) for i in missing])
     return out

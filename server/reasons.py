@@ -21,8 +21,10 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
+
+import numpy as np
 
 from server.explain import Explanation
 
@@ -92,14 +94,18 @@ class Catalogue:
     """Feature name -> index of its reason in ``reasons``."""
     embedded: bool = True
     """False when the model had no catalogue and this is the server's default."""
+    features: tuple[tuple[str, ...], ...] = ()
+    """Each reason's features, in catalogue order (aligned with ``reasons``)."""
+    _column_cache: dict[tuple[str, ...], list[list[int]]] = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], *, embedded: bool = True) -> Catalogue:
         try:
             version = str(data["version"])
-            reasons, group_of = [], {}
+            reasons, group_of, features = [], {}, []
             for i, entry in enumerate(data["reasons"]):
                 reasons.append(Reason(str(entry["code"]), str(entry["text"])))
+                features.append(tuple(str(f) for f in entry["features"]))
                 for feature in entry["features"]:
                     if feature in group_of:
                         raise CatalogueError(f"feature {feature} is in two reasons of catalogue {version}")
@@ -108,24 +114,56 @@ class Catalogue:
             raise CatalogueError(f"malformed reason catalogue: {e!r}") from e
         if len({r.code for r in reasons}) != len(reasons):
             raise CatalogueError(f"catalogue {version} repeats a code")
-        return cls(version, tuple(reasons), group_of, embedded)
+        return cls(version, tuple(reasons), group_of, embedded, tuple(features))
 
     def weights(self, explanation: Explanation) -> list[float]:
         """Sum of the positive SHAP values of each reason's features (aligned with ``reasons``)."""
-        out = [0.0] * len(self.reasons)
-        group_of = self.group_of
-        for c in explanation.contributions:
-            if c.shap_value > 0:
-                g = group_of.get(c.feature)
-                if g is not None:
-                    out[g] += c.shap_value
+        names = tuple(c.feature for c in explanation.contributions)
+        phi = np.asarray([[c.shap_value for c in explanation.contributions]], dtype=np.float64)
+        return self.weight_matrix(phi, names)[0].tolist()
+
+    def weight_matrix(self, phi: np.ndarray, feature_names: Sequence[str]) -> np.ndarray:
+        """:meth:`weights` of every row of a SHAP matrix ``[N, len(feature_names)]``: ``[N, len(reasons)]``.
+
+        The sums run in catalogue order, one column at a time, so a row's weights are the same bits
+        whichever way (one applicant or a batch, from an :class:`Explanation` or the raw matrix) they are
+        computed: near-ties rank the same in a call, its replay and the same applicant in a batch.
+        """
+        positive = np.maximum(np.asarray(phi, dtype=np.float64).reshape(-1, len(feature_names)), 0.0)
+        out = np.zeros((positive.shape[0], len(self.reasons)), dtype=np.float64)
+        for g, columns in enumerate(self._columns(tuple(feature_names))):
+            for j in columns:
+                out[:, g] += positive[:, j]
         return out
+
+    def _columns(self, feature_names: tuple[str, ...]) -> list[list[int]]:
+        """For each reason, the positions of its features in ``feature_names`` (catalogue order)."""
+        cached = self._column_cache.get(feature_names)
+        if cached is None:
+            position = {name: j for j, name in enumerate(feature_names)}
+            cached = [[position[f] for f in feats if f in position] for feats in self.features]
+            self._column_cache[feature_names] = cached
+        return cached
+
+    def ranked(self, weights: Sequence[float], limit: int = MAX_REASONS) -> list[Reason]:
+        """The principal reasons of one row of weights: positive ones, largest first (ties by code)."""
+        order = sorted((i for i, w in enumerate(weights) if w > 0), key=lambda i: (-weights[i], self.reasons[i].code))
+        return [self.reasons[i] for i in order[:limit]]
 
     def reasons_for(self, explanation: Explanation, limit: int = MAX_REASONS) -> list[Reason]:
         """The principal reasons: reasons of positive weight, largest first (ties by code), at most ``limit``."""
-        weights = self.weights(explanation)
-        ranked = sorted((i for i, w in enumerate(weights) if w > 0), key=lambda i: (-weights[i], self.reasons[i].code))
-        return [self.reasons[i] for i in ranked[:limit]]
+        return self.ranked(self.weights(explanation), limit)
+
+    def codes_for(self, phi: np.ndarray, feature_names: Sequence[str], limit: int = MAX_REASONS) -> list[list[str]]:
+        """The reason codes of every row of a SHAP matrix (what :meth:`reasons_for` gives row by row)."""
+        return [[r.code for r in self.ranked(w, limit)] for w in self.weight_matrix(phi, feature_names).tolist()]
+
+    def by_code(self, code: str) -> Reason | None:
+        """The reason of a code of this catalogue."""
+        for r in self.reasons:
+            if r.code == code:
+                return r
+        return None
 
 
 DEFAULT = Catalogue.from_dict(DEFAULT_CATALOGUE, embedded=False)
@@ -175,11 +213,20 @@ def adverse_reasons(repeated: Any, scorer: Any, result: Any, explanation: Explan
     """Fill the reasons of one scored applicant (``repeated``: a ``reasons`` field) and return their codes
     for the audit row: ``[]`` for an approval, None when the decision is adverse but the model cannot be
     explained (no reasons could be computed)."""
+    if not is_adverse(result.decision) or explanation is None:
+        return adverse_codes(repeated, scorer, result, None)
+    catalogue = catalogue_of(scorer.model.metadata, scorer.version)
+    return adverse_codes(repeated, scorer, result, codes(catalogue.reasons_for(explanation)))
+
+
+def adverse_codes(repeated: Any, scorer: Any, result: Any, reason_codes: Sequence[str] | None) -> list[str] | None:
+    """Like :func:`adverse_reasons`, from reason codes already computed (e.g. by ``Scorer.reason_codes``)."""
     if not is_adverse(result.decision):
         return []
-    if explanation is None:
+    if reason_codes is None:
         return None
-    reasons = catalogue_of(scorer.model.metadata, scorer.version).reasons_for(explanation)
+    catalogue = catalogue_of(scorer.model.metadata, scorer.version)
+    reasons = [r for r in (catalogue.by_code(c) for c in reason_codes) if r is not None]
     fill_reasons(repeated, reasons)
     return codes(reasons)
 

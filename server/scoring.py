@@ -77,3 +77,16 @@ class Scorer:
         if len(rows) == 0:
             return []
         return self.explainer.explain(self.model.transform(rows))
+
+    def reason_codes(self, rows: np.ndarray) -> list[list[str]]:
+        """The adverse-action reason codes of each row of a raw float32 matrix, straight from the SHAP
+        matrix (no :class:`Explanation` objects): what ``reasons.adverse_reasons`` gives from
+        :meth:`explain`, for a fraction of the work. CPU-bound like :meth:`explain` (GIL released)."""
+        if self.explainer is None:
+            raise ExplainError(self.explain_error or "this model cannot be explained")
+        if len(rows) == 0:
+            return []
+        from server.reasons import catalogue_of
+
+        phi = self.explainer.shap_values(self.model.transform(rows))
+        return catalogue_of(self.model.metadata, self.version).codes_for(phi, self.explainer.feature_names)

@@ -22,6 +22,7 @@ from server.cached_scoring import (
     encode_result,
     matrix_digests,
     open_caches,
+    reason_rows,
     row_digest,
     score_rows,
 )
@@ -181,6 +182,28 @@ async def test_explanation_cache_api(caches: Caches) -> None:
     assert await caches.explanations.get_many("0123456789abcdef", [digest + "x", "nope"]) == [[1, 2], None]
     assert await caches.predictions.size() == 0
     assert await caches.clear() == (0, 2)
+
+
+async def test_reason_codes_are_cached_under_keys_of_their_own(model, caches: Caches) -> None:  # type: ignore[no-untyped-def]
+    scorer = Scorer(model)
+    m = varied_rows(6, seed=21)
+    calls: list[int] = []
+
+    async def compute(s: Scorer, rows: np.ndarray) -> list[list[str]]:
+        calls.append(len(rows))
+        return s.reason_codes(rows)
+
+    first = await reason_rows(scorer, m[:4], caches, compute)
+    await drain(caches)
+    second = await reason_rows(scorer, m, caches, compute)
+    assert calls == [4, 2]  # the cached rows were not computed again
+    assert second[:4] == first and second == scorer.reason_codes(m)
+    assert all(codes for codes in second)  # every row has reasons (positive SHAP somewhere)
+    digest = matrix_digests(m[:1])[0]
+    assert await caches.explanations.get(model.version, digest) is None  # not an explanation's key
+    assert await caches.explanations.get(model.version, "reasons/" + digest) == first[0]
+    await caches.explanations.put(model.version, "reasons/" + digest, {"not": "codes"})  # unreadable: recomputed
+    assert (await reason_rows(scorer, m[:1], caches, compute)) == first[:1] and calls == [4, 2, 1]
 
 
 async def test_unreadable_value_is_a_miss_not_a_hit(model) -> None:  # type: ignore[no-untyped-def]

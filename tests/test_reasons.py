@@ -102,6 +102,26 @@ def test_codes_are_exactly_the_top_groups_by_positive_shap(scorer: Scorer) -> No
         assert got[:len(expected)] == expected[:len(got)] and len(got) == len(expected)
 
 
+def test_fast_reason_codes_equal_the_codes_of_the_explanation(scorer: Scorer) -> None:
+    """``Scorer.reason_codes`` (the SHAP matrix straight to codes, what Score and BatchScore use when no
+    explanation is asked for) gives exactly the codes of the full explanation, row by row, for a batch or
+    one row at a time, missing values included; and the weights are the same bits either way."""
+    sample = scorer.model.metadata["reference"]["sample"]
+    m = np.array([[np.nan if v is None else v for v in row] for row in sample["rows"][:300]], dtype=np.float32)
+    assert np.isnan(m).any(axis=1).sum() > 10  # rows with missing values are in the sample
+    catalogue = catalogue_of(scorer.model.metadata, scorer.version)
+    explanations = scorer.explain(m)
+    slow = [[r.code for r in catalogue.reasons_for(e)] for e in explanations]
+    batch = scorer.reason_codes(m)
+    assert batch == slow
+    assert [scorer.reason_codes(m[i:i + 1])[0] for i in range(0, 300, 7)] == slow[::7]
+    assert sum(1 for c in batch if c) > 250 and all(len(c) <= MAX_REASONS for c in batch)
+    phi = scorer.explainer.shap_values(scorer.model.transform(m))  # type: ignore[union-attr]
+    fast = catalogue.weight_matrix(phi, scorer.explainer.feature_names)  # type: ignore[union-attr]
+    for i in range(0, 300, 13):
+        assert fast[i].tolist() == catalogue.weights(explanations[i])  # identical, not just close
+
+
 def test_server_returns_and_audits_reasons(server, client: CredScopeClient, scorer: Scorer) -> None:  # type: ignore[no-untyped-def]
     rejected = client.score(applicant(**LOW_EXT))
     assert rejected.decision in (scoring_pb2.DECISION_REVIEW, scoring_pb2.DECISION_REJECT)

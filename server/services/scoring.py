@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
 
 import grpc
 import numpy as np
@@ -15,7 +17,7 @@ from server import context as rc
 from server import deadline, input_signals, metrics, tracing
 from server.audit.records import audit_prediction
 from server.audit.writer import AuditWriter
-from server.cached_scoring import Caches, explain_rows, score_rows
+from server.cached_scoring import Caches, explain_rows, reason_rows, score_rows
 from server.challenger import Challenger
 from server.convert import (
     applicant_to_row,
@@ -35,11 +37,13 @@ from server.portfolio_convert import (
     loan_parameters_from_proto,
     portfolio_of,
 )
-from server.reasons import adverse_reasons, needs_explanation
+from server.reasons import adverse_codes, adverse_reasons, needs_explanation
 from server.runtime import Runtime
 from server.scoring import Scorer
 from server.services.audit import explanation_of, report_outcome, result_of
 from server.settings import Settings
+
+T = TypeVar("T")
 
 
 def _request_id(given: str, field: str = "request_id") -> str:
@@ -66,19 +70,30 @@ class ScoringService(scoring_pb2_grpc.ScoringServiceServicer):
         self.audit = audit
         self._explain_pool = ThreadPoolExecutor(settings.model.explain_threads, thread_name_prefix="explain")
 
-    async def _compute_explanations(self, scorer: Scorer, matrix: np.ndarray) -> list[Explanation]:
-        """SHAP explanations computed in the explain thread pool, so the event loop keeps serving."""
+    async def _in_pool(self, scorer: Scorer, fn: Callable[[np.ndarray], list[T]], matrix: np.ndarray,
+                       what: str) -> list[T]:
+        """``fn(matrix)`` (TreeSHAP work) in the explain thread pool, so the event loop keeps serving."""
         call = contextvars.copy_context().run
         try:
-            with tracing.span("credscope.explain", model_version=scorer.version, batch_size=len(matrix)):
-                return await asyncio.get_running_loop().run_in_executor(self._explain_pool, call, scorer.explain,
-                                                                        matrix)
+            with tracing.span("credscope.explain", model_version=scorer.version, batch_size=len(matrix), kind=what):
+                return await asyncio.get_running_loop().run_in_executor(self._explain_pool, call, fn, matrix)
         except ExplainError as exc:
             raise FailedPrecondition(f"model {scorer.version} cannot be explained: {exc}") from exc
+
+    async def _compute_explanations(self, scorer: Scorer, matrix: np.ndarray) -> list[Explanation]:
+        return await self._in_pool(scorer, scorer.explain, matrix, "explanation")
+
+    async def _compute_reasons(self, scorer: Scorer, matrix: np.ndarray) -> list[list[str]]:
+        return await self._in_pool(scorer, scorer.reason_codes, matrix, "reasons")
 
     async def _explain(self, scorer: Scorer, matrix: np.ndarray) -> list[Explanation]:
         """Explanations through the explanation cache (computed for the misses only)."""
         return await explain_rows(scorer, matrix, self.caches, self._compute_explanations)
+
+    async def _reasons(self, scorer: Scorer, matrix: np.ndarray) -> list[list[str]]:
+        """Adverse-action reason codes through the cache: the SHAP matrix straight to codes, no explanation
+        objects (for adverse decisions whose caller did not ask for an explanation)."""
+        return await reason_rows(scorer, matrix, self.caches, self._compute_reasons)
 
     async def Score(self, request: scoring_pb2.ScoreRequest, context: grpc.aio.ServicerContext
                     ) -> scoring_pb2.ScoreResponse:
@@ -99,13 +114,16 @@ class ScoringService(scoring_pb2_grpc.ScoringServiceServicer):
         response = scoring_pb2.ScoreResponse()
         fill_prediction(response, result, request_id, from_cache=from_cache)
         tracing.set_attributes(model_version=result.model_version, decision=result.decision, from_cache=from_cache)
-        full = None  # adverse decisions are explained for their reasons even when no explanation was asked
-        if top_k is not None or needs_explanation(scorer, result.decision):
+        if top_k is not None:  # the reasons come from the same explanation
             deadline.check(context, "explanation")
             full = (await self._explain(scorer, matrix))[0]
-        if top_k is not None and full is not None:
             fill_explanation(response.explanation, full.top(top_k))
-        codes = adverse_reasons(response.reasons, scorer, result, full)
+            codes = adverse_reasons(response.reasons, scorer, result, full)
+        elif needs_explanation(scorer, result.decision):  # adverse: its reasons, from the SHAP values alone
+            deadline.check(context, "explanation")
+            codes = adverse_codes(response.reasons, scorer, result, (await self._reasons(scorer, matrix))[0])
+        else:
+            codes = adverse_codes(response.reasons, scorer, result, None)
         response.timestamp.CopyFrom(timestamp(time.time()))
         response.processing_time_ms = (time.perf_counter() - started) * 1000.0
         audit_prediction(request_id, row, result, response.processing_time_ms, from_cache=response.from_cache,
@@ -161,13 +179,17 @@ class ScoringService(scoring_pb2_grpc.ScoringServiceServicer):
             j for j, (res, _) in enumerate(pairs) if needs_explanation(scorer, res.decision)]
         if want:
             deadline.check(context, "explanation")
-        explained = dict(zip(want, await self._explain(scorer, matrix if len(want) == len(rows) else matrix[want]),
-                             strict=True)) if want else {}
-        codes = []
-        for j, (i, (res, _)) in enumerate(zip(positions, pairs, strict=True)):
-            if top_k is not None:
+        subset = matrix if len(want) == len(rows) else matrix[want]
+        codes: list[list[str] | None] = []
+        if top_k is not None:  # explanations asked for: the reasons come from them
+            explained = dict(zip(want, await self._explain(scorer, subset), strict=True)) if want else {}
+            for j, (i, (res, _)) in enumerate(zip(positions, pairs, strict=True)):
                 fill_explanation(response.results[i].prediction.explanation, explained[j].top(top_k))
-            codes.append(adverse_reasons(response.results[i].prediction.reasons, scorer, res, explained.get(j)))
+                codes.append(adverse_reasons(response.results[i].prediction.reasons, scorer, res, explained.get(j)))
+        else:  # only the adverse decisions, and only their reason codes
+            reasons = dict(zip(want, await self._reasons(scorer, subset), strict=True)) if want else {}
+            for j, (i, (res, _)) in enumerate(zip(positions, pairs, strict=True)):
+                codes.append(adverse_codes(response.results[i].prediction.reasons, scorer, res, reasons.get(j)))
         fill_portfolio(response.portfolio, portfolio_of(scored, loan))
         response.timestamp.CopyFrom(timestamp(time.time()))
         response.processing_time_ms = (time.perf_counter() - started) * 1000.0
