@@ -60,8 +60,9 @@ class ModelSettings(BaseModel):
     intra_op_threads: int = Field(1, ge=0, description="onnxruntime intra-op threads (0 = onnxruntime's choice).")
     batch_intra_op_threads: int = Field(2, ge=0, description="onnxruntime intra-op threads for matrices of 128+ "
                                         "rows (BatchScore): a second session; equal to intra_op_threads = none.")
-    explain_threads: int = Field(1, ge=1, le=64, description="Threads per worker computing SHAP explanations, "
-                                 "off the event loop (the TreeSHAP kernel releases the GIL).")
+    explain_threads: int = Field(2, ge=1, le=64, description="Threads per worker computing SHAP explanations, "
+                                 "off the event loop (the TreeSHAP kernel releases the GIL); a batch of "
+                                 "32+ rows is split over all of them.")
     watch_seconds: float = Field(2.0, ge=0, description="How often workers check the store's ACTIVE file and "
                                  "switch to the version it names (0 = never).")
     challenger_version: str | None = Field(None, description="Champion/challenger: a model-store version that "

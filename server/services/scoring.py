@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import itertools
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -45,6 +46,9 @@ from server.settings import Settings
 
 T = TypeVar("T")
 
+#: Explanation work for at least twice this many rows is split over the explain threads.
+_SPLIT_ROWS = 16
+
 
 def _request_id(given: str, field: str = "request_id") -> str:
     """The caller's request id from the message, else the call's (metadata or new)."""
@@ -68,15 +72,21 @@ class ScoringService(scoring_pb2_grpc.ScoringServiceServicer):
         self.settings = settings
         self.caches = caches
         self.audit = audit
-        self._explain_pool = ThreadPoolExecutor(settings.model.explain_threads, thread_name_prefix="explain")
+        self._explain_threads = settings.model.explain_threads
+        self._explain_pool = ThreadPoolExecutor(self._explain_threads, thread_name_prefix="explain")
 
     async def _in_pool(self, scorer: Scorer, fn: Callable[[np.ndarray], list[T]], matrix: np.ndarray,
                        what: str) -> list[T]:
         """``fn(matrix)`` (TreeSHAP work) in the explain thread pool, so the event loop keeps serving."""
-        call = contextvars.copy_context().run
+        loop = asyncio.get_running_loop()
+        parts = min(self._explain_threads, len(matrix) // _SPLIT_ROWS) or 1  # a batch: over all the threads
+        bounds = [len(matrix) * k // parts for k in range(parts + 1)]
         try:
             with tracing.span("credscope.explain", model_version=scorer.version, batch_size=len(matrix), kind=what):
-                return await asyncio.get_running_loop().run_in_executor(self._explain_pool, call, fn, matrix)
+                chunks = await asyncio.gather(*(
+                    loop.run_in_executor(self._explain_pool, contextvars.copy_context().run, fn, matrix[a:b])
+                    for a, b in itertools.pairwise(bounds)))
+                return [value for chunk in chunks for value in chunk]
         except ExplainError as exc:
             raise FailedPrecondition(f"model {scorer.version} cannot be explained: {exc}") from exc
 
