@@ -93,7 +93,17 @@ def _pending_migrations(conn: sqlite3.Connection) -> bool:
 
 
 def _iso_rows(rows: list[tuple[Any, ...]], at: int) -> list[tuple[Any, ...]]:
-    return [(*r[:at], iso_utc(r[at]), *r[at + 1:]) for r in rows]
+    """The rows with the timestamp at ``at`` as text (formatted once per distinct time: a batch's rows
+    share their call's)."""
+    texts: dict[datetime, str] = {}
+    out = []
+    for r in rows:
+        t = r[at]
+        text = texts.get(t)
+        if text is None:
+            text = texts[t] = iso_utc(t)
+        out.append((*r[:at], text, *r[at + 1:]))
+    return out
 
 
 class SqliteAuditStore:
