@@ -32,6 +32,17 @@ def test_bench_help() -> None:
     assert peers.returncode == 0 and "echo" in peers.stdout
 
 
+def test_the_peer_can_unpickle_the_pipeline_without_our_serving_stack() -> None:
+    """MLServer's virtualenv has scikit-learn and LightGBM, not onnxruntime: unpickling the pipeline imports
+    ``tools.train`` (its custom transformer), which must not import onnxruntime (or grpc) at module level."""
+    code = ("import sys\n"
+            "for name in ('onnxruntime', 'grpc', 'numba'):\n"
+            "    sys.modules[name] = None  # importing it raises ImportError\n"
+            "import tools.train\n")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+
+
 def test_parse_key_reads_the_key_tools_print() -> None:
     key = "csk_" + "a1B2" * 10
     assert parse_key(key + "\n") == key

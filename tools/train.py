@@ -47,7 +47,6 @@ from sklearn.model_selection import train_test_split
 from sklearn.pipeline import Pipeline
 from sklearn.utils.validation import check_is_fitted
 
-from server.model import set_active, write_atomic
 from server.reasons import DEFAULT_CATALOGUE
 from server.schema import (
     BY_NAME,
@@ -645,6 +644,8 @@ def train(data: Path | None = None, *, rows: int = 100_000, seed: int = 42, mode
     version_dir.mkdir(parents=True, exist_ok=True)
     onnx_path = version_dir / "model.onnx"
     metadata_path = version_dir / "metadata.json"
+    from server.model import set_active, write_atomic  # here: MLServer's venv unpickles this module without onnxruntime
+
     write_atomic(onnx_path, onnx_bytes)
     metadata["training"]["duration_seconds"] = round(time.perf_counter() - started, 2)
     write_atomic(metadata_path, _metadata_json(metadata).encode())
