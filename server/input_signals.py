@@ -67,21 +67,20 @@ def observe(scorer: Any, matrix: np.ndarray) -> None:
         return
     lo, hi = reference_bounds(scorer.model.metadata, scorer.version)
     missing, out = counts(matrix, lo, hi)
-    record = metrics._record  # noqa: SLF001 - the workers' buffered metric writes
-    record(INPUTS, n, metrics._INC)  # noqa: SLF001
+    metrics.count(INPUTS, n)
     for j in np.flatnonzero(missing):
-        record(metrics._child(MISSING, COLUMN_NAMES[j]), int(missing[j]), metrics._INC)  # noqa: SLF001
+        metrics.count(MISSING, int(missing[j]), COLUMN_NAMES[j])
     for j in np.flatnonzero(out):
-        record(metrics._child(OUT_OF_RANGE, COLUMN_NAMES[j]), int(out[j]), metrics._INC)  # noqa: SLF001
+        metrics.count(OUT_OF_RANGE, int(out[j]), COLUMN_NAMES[j])
 
 
 def refused(violations: Iterable[Any]) -> None:
     """Count one refused applicant from its field violations (``server.errors.Violation``: field paths like
     ``applicant.amt_credit`` or ``applicants[3].amt_credit``)."""
-    metrics._record(INPUTS, 1, metrics._INC)  # noqa: SLF001
+    metrics.count(INPUTS)
     for v in violations:
         column = BY_FIELD.get(v.field.rsplit(".", 1)[-1])
         if column is None:
             continue
         metric = MISSING if v.description.startswith("is required") else OUT_OF_RANGE
-        metrics._record(metrics._child(metric, column.name), 1, metrics._INC)  # noqa: SLF001
+        metrics.count(metric, 1, column.name)

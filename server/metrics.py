@@ -188,6 +188,12 @@ def _child(metric: Any, *labels: str) -> Any:
     return child
 
 
+def count(metric: Any, amount: float = 1, *labels: str) -> None:
+    """Add ``amount`` to a counter (the child of ``labels`` when given) through the worker's buffer: for
+    counters defined outside this module (e.g. ``server.input_signals``)."""
+    _record(_child(metric, *labels) if labels else metric, amount, _INC)
+
+
 class _Prediction(Protocol):
     @property
     def probability(self) -> float: ...
