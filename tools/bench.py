@@ -930,7 +930,7 @@ def plot(report: dict[str, Any], path: Path) -> str | None:
         names = [f"{r['config']}\n{r['scenario']} c={r['concurrency']}" for r in batch]
         axes[2].bar(range(len(batch)), [r["p50"] for r in batch], label="p50")
         axes[2].scatter(range(len(batch)), [r["p99"] for r in batch], color="black", zorder=3, label="p99")
-        axes[2].set_xticks(range(len(batch)), names, fontsize=7)
+        axes[2].set_xticks(range(len(batch)), names, fontsize=7, rotation=45, ha="right")
         axes[2].axhline(20, color="grey", linestyle="--", linewidth=1)
         axes[2].legend(fontsize=7)
     axes[2].set(title="BatchScore latency", ylabel="ms")
