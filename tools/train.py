@@ -644,7 +644,8 @@ def train(data: Path | None = None, *, rows: int = 100_000, seed: int = 42, mode
     version_dir.mkdir(parents=True, exist_ok=True)
     onnx_path = version_dir / "model.onnx"
     metadata_path = version_dir / "metadata.json"
-    from server.model import set_active, write_atomic  # here: MLServer's venv unpickles this module without onnxruntime
+    # Imported here: MLServer's venv unpickles the pipeline (this module) without onnxruntime.
+    from server.model import set_active, write_atomic
 
     write_atomic(onnx_path, onnx_bytes)
     metadata["training"]["duration_seconds"] = round(time.perf_counter() - started, 2)
