@@ -81,6 +81,41 @@ def format_score(r: Any) -> str:
     return "\n".join(lines)
 
 
+def merge_portfolios(parts: list[Any]) -> scoring_pb2.PortfolioMetrics:
+    """The portfolio metrics of several BatchScore calls as one: counts, value and expected defaults add up,
+    the rates are recomputed (the server's formulas); the loan parameters are the first call's."""
+    total = scoring_pb2.PortfolioMetrics()
+    for p in parts:
+        total.total_applications += p.total_applications
+        total.approved += p.approved
+        total.review += p.review
+        total.rejected += p.rejected
+        total.expected_portfolio_value += p.expected_portfolio_value
+        total.expected_defaults += p.expected_defaults
+        for name in ("very_low", "low", "medium", "high", "very_high"):
+            setattr(total.risk_distribution, name,
+                    getattr(total.risk_distribution, name) + getattr(p.risk_distribution, name))
+    if parts:
+        total.loan_parameters.CopyFrom(parts[0].loan_parameters)
+    if total.total_applications:
+        total.approval_rate = total.approved / total.total_applications
+    if total.approved:
+        total.expected_default_rate = total.expected_defaults / total.approved
+        total.expected_value_per_approval = total.expected_portfolio_value / total.approved
+    return total
+
+
+def format_portfolio(p: Any) -> str:
+    r = p.risk_distribution
+    return "\n".join([
+        f"portfolio    {p.total_applications} scored: {p.approved} APPROVE, {p.review} REVIEW, {p.rejected} REJECT "
+        f"(approval rate {p.approval_rate:.1%})",
+        f"expected     value {p.expected_portfolio_value:,.0f} ({p.expected_value_per_approval:,.0f} per approval), "
+        f"defaults {p.expected_defaults:.1f} ({p.expected_default_rate:.1%} of approvals)",
+        f"risk levels  very low {r.very_low}, low {r.low}, medium {r.medium}, high {r.high}, very high {r.very_high}",
+    ])
+
+
 def cmd_score(args: argparse.Namespace, client: CredScopeClient) -> int:
     if args.example:
         rows: list[Mapping[str, Any]] = [EXAMPLE]
@@ -102,9 +137,11 @@ def cmd_score(args: argparse.Namespace, client: CredScopeClient) -> int:
         return 0
     failures = 0
     out: list[dict[str, Any]] = []
+    portfolios = []
     total = len(applicants)
     for start, chunk in _chunks(applicants, args.batch_size):
         batch = client.batch_score(chunk, explain=args.explain, top_k=args.top_k)
+        portfolios.append(batch.portfolio)
         for result in batch.results:
             idx = start + result.index
             if result.HasField("error"):
@@ -114,8 +151,9 @@ def cmd_score(args: argparse.Namespace, client: CredScopeClient) -> int:
                 out.append({"row": idx, **json_format.MessageToDict(result.prediction)})
         if total > args.batch_size:
             print(f"scored {min(start + len(chunk), total)}/{total}", file=sys.stderr)
+    portfolio = merge_portfolios(portfolios)
     if args.output == "json":
-        print(json.dumps(out, indent=2))
+        print(json.dumps({"results": out, "portfolio": json_format.MessageToDict(portfolio)}, indent=2))
     else:
         print(f"{'row':>5}  {'decision':<8} {'prob':>7}  {'risk':<10} {'conf':>5}  request id")
         for r in out:
@@ -126,6 +164,7 @@ def cmd_score(args: argparse.Namespace, client: CredScopeClient) -> int:
                 print(f"{r['row']:>5}  {r['decision'].removeprefix('DECISION_'):<8} "
                       f"{r.get('defaultProbability', 0):>7.4f}  {r['riskLevel'].removeprefix('RISK_LEVEL_'):<10} "
                       f"{r.get('confidence', 0):>5.2f}  {r['requestId']}")
+        print(format_portfolio(portfolio))
     print(f"{total - failures} scored, {failures} rejected as invalid", file=sys.stderr)
     return 1 if failures else 0
 

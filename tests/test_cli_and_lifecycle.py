@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import grpc
+import pytest
 
 from client import CredScopeClient
 from credscope.v1 import scoring_pb2, scoring_pb2_grpc
@@ -49,11 +50,22 @@ def test_cli_scores_csv_and_reports_bad_rows(server, tmp_path: Path) -> None:  #
     out = run_cli("--target", server.target, "score", "--csv", str(path))
     assert out.returncode == 1  # one invalid row
     lines = out.stdout.strip().splitlines()
-    assert len(lines) == 4 and "ERROR" in lines[2] and "amt_credit" in lines[2]
+    assert len(lines) == 7 and "ERROR" in lines[2] and "amt_credit" in lines[2]
+    assert lines[4].startswith("portfolio    2 scored:") and "approval rate" in lines[4]
     assert "2 scored, 1 rejected" in out.stderr
-    out = run_cli("--target", server.target, "--output", "json", "score", "--csv", str(path))
-    rows = json.loads(out.stdout)
-    assert [("error" in r) for r in rows] == [False, True, False]
+    # JSON, in batches of one applicant: the portfolio is the sum of the batches'
+    out = run_cli("--target", server.target, "--output", "json", "score", "--csv", str(path), "--batch-size", "1")
+    doc = json.loads(out.stdout)
+    assert [("error" in r) for r in doc["results"]] == [False, True, False]
+    portfolio = doc["portfolio"]
+    decisions = [r["decision"].removeprefix("DECISION_") for r in doc["results"] if "error" not in r]
+    assert portfolio["totalApplications"] == 2
+    assert portfolio.get("approved", 0) == decisions.count("APPROVE")
+    assert portfolio.get("review", 0) + portfolio.get("rejected", 0) == 2 - decisions.count("APPROVE")
+    assert sum(portfolio["riskDistribution"].values()) == 2
+    approved = [r["defaultProbability"] for r in doc["results"]
+                if "error" not in r and r["decision"] == "DECISION_APPROVE"]
+    assert portfolio.get("expectedDefaults", 0.0) == pytest.approx(sum(approved), rel=1e-9)
 
 
 def test_cli_model_info_and_health(server) -> None:  # type: ignore[no-untyped-def]
