@@ -8,7 +8,7 @@ import itertools
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import grpc
 import numpy as np
@@ -41,7 +41,7 @@ from server.portfolio_convert import (
 from server.reasons import adverse_codes, adverse_reasons, needs_explanation
 from server.runtime import Runtime
 from server.scoring import Scorer
-from server.services.audit import explanation_of, report_outcome, result_of
+from server.services.audit import explanation_of, report_outcome
 from server.settings import Settings
 
 T = TypeVar("T")
@@ -183,30 +183,36 @@ class ScoringService(scoring_pb2_grpc.ScoringServiceServicer):
         scored = [res for res, _ in pairs]
         tracing.set_attributes(model_version=scorer.version, batch_size=n,
                                from_cache=bool(pairs) and all(hit for _, hit in pairs))
-        for i, (res, from_cache) in zip(positions, pairs, strict=True):
-            fill_prediction(response.results[i].prediction, res, f"{request_id}/{i}", from_cache=from_cache)
         want = list(range(len(rows))) if top_k is not None else [
             j for j, (res, _) in enumerate(pairs) if needs_explanation(scorer, res.decision)]
         if want:
             deadline.check(context, "explanation")
         subset = matrix if len(want) == len(rows) else matrix[want]
+        # The SHAP work runs in the explain threads while this loop fills in the predictions and the portfolio.
+        pending: asyncio.Future[list[Any]] | None = asyncio.ensure_future(
+            self._explain(scorer, subset) if top_k is not None else self._reasons(scorer, subset)) if want else None
+        try:
+            for i, (res, from_cache) in zip(positions, pairs, strict=True):
+                fill_prediction(response.results[i].prediction, res, f"{request_id}/{i}", from_cache=from_cache)
+            fill_portfolio(response.portfolio, portfolio_of(scored, loan))
+            done = dict(zip(want, await pending, strict=True)) if pending is not None else {}
+        finally:
+            if pending is not None and not pending.done():
+                pending.cancel()
         codes: list[list[str] | None] = []
-        if top_k is not None:  # explanations asked for: the reasons come from them
-            explained = dict(zip(want, await self._explain(scorer, subset), strict=True)) if want else {}
-            for j, (i, (res, _)) in enumerate(zip(positions, pairs, strict=True)):
-                fill_explanation(response.results[i].prediction.explanation, explained[j].top(top_k))
-                codes.append(adverse_reasons(response.results[i].prediction.reasons, scorer, res, explained.get(j)))
-        else:  # only the adverse decisions, and only their reason codes
-            reasons = dict(zip(want, await self._reasons(scorer, subset), strict=True)) if want else {}
-            for j, (i, (res, _)) in enumerate(zip(positions, pairs, strict=True)):
-                codes.append(adverse_codes(response.results[i].prediction.reasons, scorer, res, reasons.get(j)))
-        fill_portfolio(response.portfolio, portfolio_of(scored, loan))
+        for j, (i, (res, _)) in enumerate(zip(positions, pairs, strict=True)):
+            prediction = response.results[i].prediction
+            if top_k is not None:  # explanations asked for: the reasons come from them
+                fill_explanation(prediction.explanation, done[j].top(top_k))
+                codes.append(adverse_reasons(prediction.reasons, scorer, res, done.get(j)))
+            else:  # only the adverse decisions, and only their reason codes
+                codes.append(adverse_codes(prediction.reasons, scorer, res, done.get(j)))
         response.timestamp.CopyFrom(timestamp(time.time()))
         response.processing_time_ms = (time.perf_counter() - started) * 1000.0
-        for i, row, reason_codes in zip(positions, rows, codes, strict=True):
+        for i, row, reason_codes, (res, from_cache) in zip(positions, rows, codes, pairs, strict=True):
             p = response.results[i].prediction
-            audit_prediction(p.request_id, row, result_of(p), response.processing_time_ms, from_cache=p.from_cache,
-                             explanation=explanation_of(p), reason_codes=reason_codes)
+            audit_prediction(p.request_id, row, res, response.processing_time_ms, from_cache=from_cache,
+                             explanation=explanation_of(p) if top_k is not None else None, reason_codes=reason_codes)
         if self.challenger is not None and rows:  # shadow scoring, queued without waiting
             self.challenger.offer([f"{request_id}/{i}" for i in positions], matrix)
         return response
