@@ -63,6 +63,9 @@ class ModelSettings(BaseModel):
     explain_threads: int = Field(2, ge=1, le=64, description="Threads per worker computing SHAP explanations, "
                                  "off the event loop (the TreeSHAP kernel releases the GIL); a batch of "
                                  "32+ rows is split over all of them.")
+    inline_explain_rows: int = Field(1, ge=0, le=64, description="Explanation work of up to this many rows "
+                                     "(one applicant: ~0.5-0.8 ms) runs on the event loop: handing it to a "
+                                     "thread cost more CPU than the work itself (0 = always a thread).")
     watch_seconds: float = Field(2.0, ge=0, description="How often workers check the store's ACTIVE file and "
                                  "switch to the version it names (0 = never).")
     challenger_version: str | None = Field(None, description="Champion/challenger: a model-store version that "

@@ -73,16 +73,20 @@ class ScoringService(scoring_pb2_grpc.ScoringServiceServicer):
         self.caches = caches
         self.audit = audit
         self._explain_threads = settings.model.explain_threads
+        self._inline_rows = settings.model.inline_explain_rows
         self._explain_pool = ThreadPoolExecutor(self._explain_threads, thread_name_prefix="explain")
 
     async def _in_pool(self, scorer: Scorer, fn: Callable[[np.ndarray], list[T]], matrix: np.ndarray,
                        what: str) -> list[T]:
-        """``fn(matrix)`` (TreeSHAP work) in the explain thread pool, so the event loop keeps serving."""
-        loop = asyncio.get_running_loop()
-        parts = min(self._explain_threads, len(matrix) // _SPLIT_ROWS) or 1  # a batch: over all the threads
-        bounds = [len(matrix) * k // parts for k in range(parts + 1)]
+        """``fn(matrix)`` (TreeSHAP work): for a batch in the explain thread pool (split over its threads), so
+        the event loop keeps serving; for up to ``model.inline_explain_rows`` rows on the loop itself."""
         try:
             with tracing.span("credscope.explain", model_version=scorer.version, batch_size=len(matrix), kind=what):
+                if len(matrix) <= self._inline_rows:
+                    return fn(matrix)
+                loop = asyncio.get_running_loop()
+                parts = min(self._explain_threads, len(matrix) // _SPLIT_ROWS) or 1
+                bounds = [len(matrix) * k // parts for k in range(parts + 1)]
                 chunks = await asyncio.gather(*(
                     loop.run_in_executor(self._explain_pool, contextvars.copy_context().run, fn, matrix[a:b])
                     for a, b in itertools.pairwise(bounds)))
