@@ -60,18 +60,51 @@ def counts(matrix: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> tuple[np.ndarr
     return missing, out
 
 
+#: Accepted rows wait here (with their model version's reference bounds) until the next metrics flush,
+#: which counts them in one vectorised pass: counting per call cost ~30 µs of a Score.
+_pending: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+_pending_rows = [0]
+MAX_PENDING_ROWS = 8192
+
+
 def observe(scorer: Any, matrix: np.ndarray) -> None:
-    """Count the accepted applicants of an encoded matrix [N, len(COLUMNS)]."""
-    n = len(matrix)
-    if n == 0:
+    """Count the accepted applicants of an encoded matrix [N, len(COLUMNS)] (at the next metrics flush)."""
+    if len(matrix) == 0:
         return
     lo, hi = reference_bounds(scorer.model.metadata, scorer.version)
-    missing, out = counts(matrix, lo, hi)
+    _pending.append((matrix, lo, hi))
+    _pending_rows[0] += len(matrix)
+    if _pending_rows[0] >= MAX_PENDING_ROWS:
+        count_pending()
+
+
+def count_pending() -> None:
+    """Turn the rows observed since the last flush into counter increments (runs before every flush)."""
+    if not _pending:
+        return
+    batch = _pending[:]
+    _pending.clear()
+    _pending_rows[0] = 0
+    by_bounds: dict[int, list[tuple[np.ndarray, np.ndarray, np.ndarray]]] = {}
+    for item in batch:  # one pass per model version (its bounds arrays are cached, so shared by identity)
+        by_bounds.setdefault(id(item[1]), []).append(item)
+    n = 0
+    missing = np.zeros(len(COLUMNS), dtype=np.int64)
+    out = np.zeros(len(COLUMNS), dtype=np.int64)
+    for items in by_bounds.values():
+        m = items[0][0] if len(items) == 1 else np.concatenate([i[0] for i in items])
+        miss, over = counts(m, items[0][1], items[0][2])
+        missing += miss
+        out += over
+        n += len(m)
     metrics.count(INPUTS, n)
     for j in np.flatnonzero(missing):
         metrics.count(MISSING, int(missing[j]), COLUMN_NAMES[j])
     for j in np.flatnonzero(out):
         metrics.count(OUT_OF_RANGE, int(out[j]), COLUMN_NAMES[j])
+
+
+metrics.before_flush(count_pending)
 
 
 def refused(violations: Iterable[Any]) -> None:

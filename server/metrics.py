@@ -22,7 +22,7 @@ import os
 import time
 from collections import Counter as _Tally
 from collections import defaultdict, deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from functools import lru_cache
 from typing import Any, Protocol
 
@@ -134,9 +134,20 @@ def _record(metric: Any, amount: Any, kind: int) -> None:
         flush()
 
 
+_before_flush: list[Callable[[], None]] = []
+
+
+def before_flush(hook: Callable[[], None]) -> None:
+    """Run ``hook`` at the start of every :func:`flush` (e.g. to turn rows buffered per call into counts)."""
+    if hook not in _before_flush:
+        _before_flush.append(hook)
+
+
 def flush() -> None:
     """Write the buffered increments and observations to the metrics (each series once)."""
     _last_flush[0] = time.monotonic()
+    for hook in _before_flush:
+        hook()
     incs: dict[Any, float] = defaultdict(float)
     observed: dict[Any, list[float]] = defaultdict(list)
     while True:
