@@ -101,7 +101,7 @@ class PostgresAuditStore:
         await self._with_conn(lambda conn: conn.fetchval("SELECT 1"))
 
     async def write(self, entries: Sequence[AuditEntry]) -> None:
-        rows = await asyncio.to_thread(to_rows, entries)  # off the event loop: calls keep flowing
+        rows = await asyncio.to_thread(lambda: to_rows(entries, yielding=True))  # off the event loop
         tables = (("predictions", rows.predictions), ("shap_explanations", rows.shap), ("api_usage", rows.usage))
 
         async def write(conn: asyncpg.Connection) -> None:

@@ -29,6 +29,7 @@ from server.audit.store import (
     RISK_LEVELS,
     SHAP_COLUMNS,
     USAGE_COLUMNS,
+    YIELD_EVERY,
     AuditedPrediction,
     AuditStoreError,
     FeatureStat,
@@ -37,15 +38,16 @@ from server.audit.store import (
     audited_prediction,
     interpolate,
     to_rows,
+    yield_gil,
 )
 from server.db import connect_sqlite, migrate_sqlite, migrations, sqlite_path
 
 T = TypeVar("T")
 
 
-#: Rows per INSERT statement. sqlite3 releases the GIL around each statement step and must take it back
-#: after; one statement per row makes the writer thread and the event loop trade the GIL per row.
-CHUNK = 64
+#: Rows per INSERT statement: ``store.YIELD_EVERY`` (sqlite3 releases the GIL around each statement step and
+#: must take it back after; one statement per row would make the writer thread and the event loop trade the
+#: GIL per row, hundreds per statement hold it for milliseconds).
 
 
 @dataclass(frozen=True)
@@ -61,9 +63,10 @@ class _Insert:
                 f"ON CONFLICT ({self.conflict}) DO NOTHING")
 
     def run(self, conn: sqlite3.Connection, rows: list[tuple[Any, ...]]) -> None:
-        for i in range(0, len(rows), CHUNK):
-            chunk = rows[i:i + CHUNK]
+        for i in range(0, len(rows), YIELD_EVERY):
+            chunk = rows[i:i + YIELD_EVERY]
             conn.execute(self.sql(len(chunk)), [v for row in chunk for v in row])
+            yield_gil()
 
 
 INSERT_PREDICTIONS = _Insert("predictions", PREDICTION_COLUMNS, "request_id")
@@ -152,7 +155,7 @@ class SqliteAuditStore:
         await self._run(self._write, entries)
 
     def _write(self, entries: Sequence[AuditEntry]) -> None:
-        rows = to_rows(entries)
+        rows = to_rows(entries, yielding=True)
         conn = self._connection()
         with _transaction(conn, "BEGIN IMMEDIATE"):
             if rows.predictions:
