@@ -70,7 +70,7 @@ class AdminService(admin_pb2_grpc.AdminServiceServicer):
         return admin_pb2.ClearCacheResponse(predictions_removed=predictions, explanations_removed=explanations)
 
     async def GetStats(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        return await get_stats(self.audit, request)
+        return await get_stats(self.audit, request, other_workers=self.runtime.settings.server.workers > 1)
 
     async def ListTopFeatures(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         return await list_top_features(self.audit, request)

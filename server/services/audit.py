@@ -7,8 +7,8 @@ replaces the earlier one (a correction: ``recorded=true``, ``reported_at`` and `
 so ``outcomes`` holds one current row per request id.
 
 A prediction may still be in a worker's audit queue when its outcome or the stats are asked for: these
-RPCs first flush this worker's queue, and ReportOutcome gives other workers one flush period before it
-answers NOT_FOUND.
+RPCs first flush this worker's queue; ReportOutcome gives other workers one flush period before it
+answers NOT_FOUND, and GetStats (up to now) waits one flush period for them when the server runs several.
 """
 
 from __future__ import annotations
@@ -105,14 +105,18 @@ async def report_outcome(writer: AuditWriter | None, request: scoring_pb2.Report
                    metadata={"request_id": rid})
 
 
-async def get_stats(writer: AuditWriter | None, request: admin_pb2.GetStatsRequest) -> admin_pb2.GetStatsResponse:
+async def get_stats(writer: AuditWriter | None, request: admin_pb2.GetStatsRequest, *,
+                    other_workers: bool = False) -> admin_pb2.GetStatsResponse:
     writer = _writer(writer)
-    end = _time(request, "end_time") or datetime.now(UTC)
+    given_end = _time(request, "end_time")
+    end = given_end or datetime.now(UTC)
     start = _time(request, "start_time") or end - DEFAULT_PERIOD
     if start >= end:
         raise InvalidArgument("start_time must be before end_time",
                               [Violation("start_time", "must be before end_time (end defaults to now)")])
     await _flush(writer)
+    if other_workers and given_end is None:  # the other workers write what they hold within a flush period
+        await asyncio.sleep(writer.settings.flush_seconds)
     try:
         stats = await writer.store.stats(start, end)
         comparison = compare(await writer.store.challenger_pairs(start, end))
