@@ -111,3 +111,16 @@ def test_a_short_bench_run_end_to_end(model_dir: Path, tmp_path: Path) -> None:
     assert {t["target"] for t in report["targets"]} >= {"Score throughput >= 50% of the echo floor"}
     assert "req/s" in out.stdout and "Score throughput" in out.stdout
     assert out_json.with_suffix(".png").stat().st_size > 10_000
+
+
+def test_in_process_handler_bench_runs(model_dir: Path) -> None:
+    """`python -m tools.bench_handler` (the README's in-process figures) has --help and runs a short round,
+    also with parts switched off."""
+    out = subprocess.run([sys.executable, "-m", "tools.bench_handler", "--help"], cwd=ROOT, capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 0 and "--without" in out.stdout
+    out = subprocess.run([sys.executable, "-m", "tools.bench_handler", "--model-dir", str(model_dir), "--calls", "30",
+                          "--rounds", "1", "--without", "audit", "--without", "reasons"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "without: audit, reasons" in out.stdout and "µs of CPU per Score" in out.stdout
