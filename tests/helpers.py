@@ -97,3 +97,22 @@ def make_api_key(cwd: Path, *, tier: str = "enterprise", admin: bool = True, nam
         return api_key
 
     return asyncio.run(make())
+
+
+def two_version_store(model_dir: Path, store: Path, *, seed: int, rows: int = 8_000,
+                      n_estimators: int = 30) -> tuple[Path, str, str]:
+    """A model store in ``store`` holding the session model (ACTIVE) and a second, small version trained
+    with ``seed`` (not activated): (store, first, second)."""
+    import shutil
+
+    from server.model import active_version
+    from tools.train import train
+
+    first = active_version(model_dir)
+    assert first
+    shutil.copytree(model_dir / first, store / first)
+    (store / "ACTIVE").write_text(first)
+    second = train(model_dir=store, rows=rows, seed=seed, n_estimators=n_estimators, quiet=True,
+                   activate=False).version
+    assert second != first and active_version(store) == first
+    return store, first, second

@@ -12,6 +12,7 @@ import pytest
 from client import CredScopeClient
 from client.applicants import applicant_from_mapping
 from credscope.v1 import admin_pb2, applicant_pb2
+from tests import helpers
 from tests.helpers import make_api_key, start_server
 
 BASE = {
@@ -127,19 +128,7 @@ def test_redis_cache_is_shared_by_servers(model_dir: Path, tmp_path: Path, redis
 @pytest.fixture(scope="module")
 def two_version_store(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str, str]:
     """A store holding the session model (ACTIVE) and a second, small version."""
-    import shutil
-
-    from server.model import active_version
-    from tools.train import train
-
-    store = tmp_path_factory.mktemp("store")
-    first = active_version(model_dir)
-    assert first
-    shutil.copytree(model_dir / first, store / first)
-    (store / "ACTIVE").write_text(first)
-    second = train(model_dir=store, rows=8_000, seed=13, n_estimators=30, quiet=True, activate=False).version
-    assert second != first
-    return store, first, second
+    return helpers.two_version_store(model_dir, tmp_path_factory.mktemp("store"), seed=13)
 
 
 def test_a_new_model_version_never_serves_an_old_result(two_version_store: tuple[Path, str, str],

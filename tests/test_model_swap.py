@@ -3,7 +3,6 @@ and every worker follows the store's ACTIVE file."""
 
 from __future__ import annotations
 
-import shutil
 import threading
 import time
 from pathlib import Path
@@ -15,6 +14,7 @@ from client import CredScopeClient, CredScopeRpcError
 from credscope.v1 import admin_pb2
 from server.convert import applicant_to_row, rows_to_matrix
 from server.model import active_version, load_model
+from tests import helpers
 from tests.helpers import make_api_key, start_server
 from tests.test_api import GOOD, applicant
 
@@ -22,16 +22,7 @@ from tests.test_api import GOOD, applicant
 @pytest.fixture(scope="module")
 def two_version_store(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str, str]:
     """A store holding the session model and a second version trained with another seed."""
-    from tools.train import train
-
-    store = tmp_path_factory.mktemp("store")
-    first = active_version(model_dir)
-    assert first
-    shutil.copytree(model_dir / first, store / first)
-    (store / "ACTIVE").write_text(first)
-    second = train(model_dir=store, rows=8_000, seed=11, n_estimators=30, quiet=True, activate=False).version
-    assert second != first and active_version(store) == first
-    return store, first, second
+    return helpers.two_version_store(model_dir, tmp_path_factory.mktemp("store"), seed=11)
 
 
 def admin_env() -> dict[str, str]:

@@ -13,8 +13,7 @@ import pytest
 
 from client import CredScopeClient, CredScopeRpcError
 from credscope.v1 import admin_pb2, scoring_pb2
-from server.model import active_version
-from tests.helpers import make_api_key, start_server
+from tests.helpers import make_api_key, start_server, two_version_store
 from tests.test_api import applicant
 
 LOW_EXT = {"ext_source_1": 0.02, "ext_source_2": 0.03, "ext_source_3": 0.02}
@@ -22,15 +21,8 @@ LOW_EXT = {"ext_source_1": 0.02, "ext_source_2": 0.03, "ext_source_3": 0.02}
 
 @pytest.fixture(scope="module")
 def store(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str, str]:
-    from tools.train import train
-
-    store = tmp_path_factory.mktemp("replay-store")
-    first = active_version(model_dir)
-    assert first
-    shutil.copytree(model_dir / first, store / first)
-    (store / "ACTIVE").write_text(first)
-    second = train(model_dir=store, rows=6_000, seed=23, n_estimators=25, quiet=True, activate=False).version
-    return store, first, second
+    return two_version_store(model_dir, tmp_path_factory.mktemp("replay-store"), seed=23, rows=6_000,
+                             n_estimators=25)
 
 
 def replay(admin: CredScopeClient, rid: str) -> admin_pb2.ReplayDecisionResponse:
