@@ -25,8 +25,7 @@ import pytest
 
 from server.db import migrate_postgres, migrate_sqlite
 from server.schema import COLUMN_NAMES
-
-ROOT = Path(__file__).resolve().parent.parent
+from tests.helpers import ROOT, ServerProcess
 
 #: Raw features the shifted population changes, and the engineered features computed from them.
 SHIFTED = {"AMT_INCOME_TOTAL", "EXT_SOURCE_3"}
@@ -122,11 +121,8 @@ def promtool() -> str:
 
 # --- the sidecar process ------------------------------------------------------------------------
 
-@dataclass
-class SidecarProcess:
-    proc: subprocess.Popen[str]
-    port: int
-    output: list[str] = field(default_factory=list)
+class SidecarProcess(ServerProcess):
+    """A ``credscope-telemetry serve`` process (stopped and read like a server process)."""
 
     @property
     def url(self) -> str:
@@ -141,20 +137,6 @@ class SidecarProcess:
                 return r.status, r.read().decode()
         except urllib.error.HTTPError as e:
             return e.code, e.read().decode()
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=5)
-        return self.proc.returncode
-
-    def log(self) -> str:
-        return "".join(self.output)
-
 
 def start_sidecar(args: list[str], env: dict[str, str] | None = None, timeout: float = 60.0) -> SidecarProcess:
     """Start ``credscope-telemetry serve`` on a free loopback port; return once it listens."""
