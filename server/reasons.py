@@ -90,31 +90,34 @@ class Catalogue:
 
     version: str
     reasons: tuple[Reason, ...]
-    group_of: Mapping[str, int]
-    """Feature name -> index of its reason in ``reasons``."""
+    features: tuple[tuple[str, ...], ...]
+    """Each reason's features, in catalogue order (aligned with ``reasons``); a feature is in one reason."""
     embedded: bool = True
     """False when the model had no catalogue and this is the server's default."""
-    features: tuple[tuple[str, ...], ...] = ()
-    """Each reason's features, in catalogue order (aligned with ``reasons``)."""
     _column_cache: dict[tuple[str, ...], list[list[int]]] = field(default_factory=dict, compare=False, repr=False)
+
+    @property
+    def group_of(self) -> dict[str, int]:
+        """Feature name -> index of its reason in ``reasons``."""
+        return {f: i for i, feats in enumerate(self.features) for f in feats}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], *, embedded: bool = True) -> Catalogue:
         try:
             version = str(data["version"])
-            reasons, group_of, features = [], {}, []
-            for i, entry in enumerate(data["reasons"]):
+            reasons, features, seen = [], [], set()
+            for entry in data["reasons"]:
                 reasons.append(Reason(str(entry["code"]), str(entry["text"])))
                 features.append(tuple(str(f) for f in entry["features"]))
-                for feature in entry["features"]:
-                    if feature in group_of:
+                for feature in features[-1]:
+                    if feature in seen:
                         raise CatalogueError(f"feature {feature} is in two reasons of catalogue {version}")
-                    group_of[str(feature)] = i
+                    seen.add(feature)
         except (KeyError, TypeError) as e:
             raise CatalogueError(f"malformed reason catalogue: {e!r}") from e
         if len({r.code for r in reasons}) != len(reasons):
             raise CatalogueError(f"catalogue {version} repeats a code")
-        return cls(version, tuple(reasons), group_of, embedded, tuple(features))
+        return cls(version, tuple(reasons), tuple(features), embedded)
 
     def weights(self, explanation: Explanation) -> list[float]:
         """Sum of the positive SHAP values of each reason's features (aligned with ``reasons``)."""
