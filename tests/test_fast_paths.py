@@ -230,13 +230,13 @@ async def test_one_applicants_shap_work_runs_inline_a_batchs_in_the_explain_thre
 
     matrix = np.asarray(scorer.model.metadata["reference"]["sample"]["rows"][:40], dtype=np.float32)
     service = ScoringService(runtime, settings)
-    one = await service._in_pool(scorer, codes, matrix[:1], "reasons")
+    one = await service._shap_work(scorer, codes, matrix[:1], "reasons")
     assert seen == [(threading.current_thread().name, 1)]
     seen.clear()
-    many = await service._in_pool(scorer, codes, matrix, "reasons")
+    many = await service._shap_work(scorer, codes, matrix, "reasons")
     assert sorted(n for _, n in seen) == [20, 20] and all(name.startswith("explain") for name, _ in seen)
     assert many == scorer.reason_codes(matrix) and one == many[:1]
     settings.model.inline_explain_rows = 0
     seen.clear()
-    await ScoringService(runtime, settings)._in_pool(scorer, codes, matrix[:1], "reasons")
+    await ScoringService(runtime, settings)._shap_work(scorer, codes, matrix[:1], "reasons")
     assert seen[0][0].startswith("explain")

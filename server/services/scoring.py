@@ -76,7 +76,7 @@ class ScoringService(scoring_pb2_grpc.ScoringServiceServicer):
         self._inline_rows = settings.model.inline_explain_rows
         self._explain_pool = ThreadPoolExecutor(self._explain_threads, thread_name_prefix="explain")
 
-    async def _in_pool(self, scorer: Scorer, fn: Callable[[np.ndarray], list[T]], matrix: np.ndarray,
+    async def _shap_work(self, scorer: Scorer, fn: Callable[[np.ndarray], list[T]], matrix: np.ndarray,
                        what: str) -> list[T]:
         """``fn(matrix)`` (TreeSHAP work): for a batch in the explain thread pool (split over its threads), so
         the event loop keeps serving; for up to ``model.inline_explain_rows`` rows on the loop itself."""
@@ -95,10 +95,10 @@ class ScoringService(scoring_pb2_grpc.ScoringServiceServicer):
             raise FailedPrecondition(f"model {scorer.version} cannot be explained: {exc}") from exc
 
     async def _compute_explanations(self, scorer: Scorer, matrix: np.ndarray) -> list[Explanation]:
-        return await self._in_pool(scorer, scorer.explain, matrix, "explanation")
+        return await self._shap_work(scorer, scorer.explain, matrix, "explanation")
 
     async def _compute_reasons(self, scorer: Scorer, matrix: np.ndarray) -> list[list[str]]:
-        return await self._in_pool(scorer, scorer.reason_codes, matrix, "reasons")
+        return await self._shap_work(scorer, scorer.reason_codes, matrix, "reasons")
 
     async def _explain(self, scorer: Scorer, matrix: np.ndarray) -> list[Explanation]:
         """Explanations through the explanation cache (computed for the misses only)."""
