@@ -18,6 +18,7 @@ from urllib.parse import urlparse
 import pytest
 
 from tests.helpers import ServerProcess, make_api_key, start_server
+from tests.redis_process import RedisProcess
 
 REDIS_URL = os.environ.get("CREDSCOPE_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 POSTGRES_ADMIN_DSN = os.environ.get("CREDSCOPE_TEST_POSTGRES_DSN", "postgresql://postgres@127.0.0.1:5432/postgres")
@@ -93,6 +94,17 @@ def redis_url() -> str:
     if problem:
         require_service("Redis", problem)
     return REDIS_URL
+
+
+@pytest.fixture()
+def redis_proc(tmp_path: Path) -> Iterator[RedisProcess]:
+    """A private redis-server on a free loopback port (to stop, pause or count commands on), stopped after."""
+    try:
+        rp = RedisProcess(tmp_path).start()
+    except FileNotFoundError as e:
+        require_service("redis-server", str(e))
+    yield rp
+    rp.stop()
 
 
 @pytest.fixture()

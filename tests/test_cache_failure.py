@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -20,7 +19,6 @@ from client import CredScopeClient, CredScopeRpcError
 from client.applicants import applicant_from_mapping
 from credscope.v1 import admin_pb2
 from server.backends.cache import CacheUnavailable, RedisCache, RedisLink
-from tests.conftest import require_service
 from tests.helpers import make_api_key, start_server
 from tests.redis_process import RedisProcess, free_port
 
@@ -37,16 +35,6 @@ class FakeClock:
 
     def __call__(self) -> float:
         return self.now
-
-
-@pytest.fixture()
-def redis_proc(tmp_path: Path) -> Iterator[RedisProcess]:
-    try:
-        rp = RedisProcess(tmp_path).start()
-    except FileNotFoundError as e:
-        require_service("redis-server", str(e))
-    yield rp
-    rp.stop()
 
 
 def outage_logs(caplog: pytest.LogCaptureFixture) -> tuple[int, int]:

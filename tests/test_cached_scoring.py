@@ -29,7 +29,6 @@ from server.cached_scoring import (
 from server.convert import applicant_to_row, rows_to_matrix
 from server.scoring import Scorer, ScoreResult
 from server.settings import CacheSettings
-from tests.redis_process import RedisProcess
 
 BASE = {
     "name_contract_type": "Cash loans", "amt_income_total": 202500, "amt_credit": 406597.5, "amt_annuity": 24700.5,
@@ -225,37 +224,29 @@ async def test_disabled_caches_are_not_used(model) -> None:  # type: ignore[no-u
     assert caches.stats()["predictions"]["misses"] == 0 and await caches.predictions.size() == 0
 
 
-async def test_batch_uses_one_mget_and_one_write(model, tmp_path) -> None:  # type: ignore[no-untyped-def]
+async def test_batch_uses_one_mget_and_one_write(model, redis_proc) -> None:  # type: ignore[no-untyped-def]
     """Counted by a private Redis: a batch of 50 is 1 MGET (no GET) and one write command (a script that
     sets the 50 entries with their TTL)."""
-    from tests.conftest import require_service
-
-    try:
-        rp = RedisProcess(tmp_path).start()
-    except FileNotFoundError as e:
-        require_service("redis-server", str(e))
-    try:
-        caches = open_caches(CacheSettings(redis_url=rp.url, timeout_seconds=2.0))
-        m = varied_rows(50, seed=17)
-        r = rp.client()
-        await score_rows(Scorer(model), varied_rows(2, seed=18), caches)  # the first write loads the script
-        await drain(caches)
-        r.config_resetstat()
-        await score_rows(Scorer(model), m, caches)
-        await drain(caches)
-        stats = r.info("commandstats")
-        assert stats["cmdstat_mget"]["calls"] == 1 and "cmdstat_get" not in stats
-        writes = stats.get("cmdstat_evalsha", {}).get("calls", 0) + stats.get("cmdstat_eval", {}).get("calls", 0)
-        assert writes == 1 and stats["cmdstat_set"]["calls"] == 50  # the script's SETs
-        assert r.dbsize() == 52 and 0 < r.pttl(r.keys("credscope:pred:*")[0]) <= 1800 * 1000
-        before = r.info("stats")["total_connections_received"]
-        assert [hit for _, hit in await score_rows(Scorer(model), m, caches)] == [True] * 50
-        assert r.info("commandstats")["cmdstat_mget"]["calls"] == 2
-        assert r.info("stats")["total_connections_received"] == before  # pooled: no new connections
-        r.close()
-        await caches.close()
-    finally:
-        rp.stop()
+    rp = redis_proc
+    caches = open_caches(CacheSettings(redis_url=rp.url, timeout_seconds=2.0))
+    m = varied_rows(50, seed=17)
+    r = rp.client()
+    await score_rows(Scorer(model), varied_rows(2, seed=18), caches)  # the first write loads the script
+    await drain(caches)
+    r.config_resetstat()
+    await score_rows(Scorer(model), m, caches)
+    await drain(caches)
+    stats = r.info("commandstats")
+    assert stats["cmdstat_mget"]["calls"] == 1 and "cmdstat_get" not in stats
+    writes = stats.get("cmdstat_evalsha", {}).get("calls", 0) + stats.get("cmdstat_eval", {}).get("calls", 0)
+    assert writes == 1 and stats["cmdstat_set"]["calls"] == 50  # the script's SETs
+    assert r.dbsize() == 52 and 0 < r.pttl(r.keys("credscope:pred:*")[0]) <= 1800 * 1000
+    before = r.info("stats")["total_connections_received"]
+    assert [hit for _, hit in await score_rows(Scorer(model), m, caches)] == [True] * 50
+    assert r.info("commandstats")["cmdstat_mget"]["calls"] == 2
+    assert r.info("stats")["total_connections_received"] == before  # pooled: no new connections
+    r.close()
+    await caches.close()
 
 
 def test_open_backends_prefixes_namespaces(redis_url: str) -> None:
@@ -264,47 +255,39 @@ def test_open_backends_prefixes_namespaces(redis_url: str) -> None:
     assert [b.prefix for b in backends.values()] == ["p:pred:", "p:expl:"]  # type: ignore[attr-defined]
 
 
-async def test_writes_behind_are_coalesced_and_bounded(model, tmp_path) -> None:  # type: ignore[no-untyped-def]
+async def test_writes_behind_are_coalesced_and_bounded(model, redis_proc) -> None:  # type: ignore[no-untyped-def]
     """Concurrent Score calls share write round trips; past the bound writes are dropped and counted."""
     import asyncio
 
-    from tests.conftest import require_service
-
+    rp = redis_proc
+    caches = open_caches(CacheSettings(redis_url=rp.url, timeout_seconds=2.0))
+    scorer = Scorer(model)
+    await score_rows(scorer, varied_rows(2, seed=19), caches)  # loads the script
+    await caches.drain(limit=5)
+    r = rp.client()
+    m = varied_rows(20, seed=20)
+    out = await asyncio.gather(*(score_rows(scorer, m[i:i + 1], caches) for i in range(20)))
+    await caches.drain(limit=5)
+    assert [hit for [(_, hit)] in out] == [False] * 20
+    assert [hit for [(_, hit)] in await asyncio.gather(*(score_rows(scorer, m[i:i + 1], caches)
+                                                           for i in range(20)))] == [True] * 20
+    # Writes put while no write has gone out yet leave together: 20 entries, one command.
+    writer = caches.predictions.writer
+    r.config_resetstat()
+    for i in range(20):
+        writer.put([(f"coalesced:{i}", b"v")])
+    await caches.drain(limit=5)
+    stats = r.info("commandstats")
+    assert stats["cmdstat_evalsha"]["calls"] == 1 and stats["cmdstat_set"]["calls"] == 20
+    writer.max_pending = 3
+    rp.pause()  # nothing is written while Redis does not answer: the buffer fills up
     try:
-        rp = RedisProcess(tmp_path).start()
-    except FileNotFoundError as e:
-        require_service("redis-server", str(e))
-    try:
-        caches = open_caches(CacheSettings(redis_url=rp.url, timeout_seconds=2.0))
-        scorer = Scorer(model)
-        await score_rows(scorer, varied_rows(2, seed=19), caches)  # loads the script
-        await caches.drain(limit=5)
-        r = rp.client()
-        m = varied_rows(20, seed=20)
-        out = await asyncio.gather(*(score_rows(scorer, m[i:i + 1], caches) for i in range(20)))
-        await caches.drain(limit=5)
-        assert [hit for [(_, hit)] in out] == [False] * 20
-        assert [hit for [(_, hit)] in await asyncio.gather(*(score_rows(scorer, m[i:i + 1], caches)
-                                                               for i in range(20)))] == [True] * 20
-        # Writes put while no write has gone out yet leave together: 20 entries, one command.
-        writer = caches.predictions.writer
-        r.config_resetstat()
-        for i in range(20):
-            writer.put([(f"coalesced:{i}", b"v")])
-        await caches.drain(limit=5)
-        stats = r.info("commandstats")
-        assert stats["cmdstat_evalsha"]["calls"] == 1 and stats["cmdstat_set"]["calls"] == 20
-        writer.max_pending = 3
-        rp.pause()  # nothing is written while Redis does not answer: the buffer fills up
-        try:
-            writer.put([("a", b"1")])
-            await asyncio.sleep(0)  # the flush takes "a" and waits for Redis
-            writer.put([(k, b"x") for k in "bcdef"])
-            assert writer.pending == 3 and caches.stats()["predictions"]["dropped_writes"] == 2
-        finally:
-            rp.resume()
-        await caches.drain(limit=5)
-        r.close()
-        await caches.close()
+        writer.put([("a", b"1")])
+        await asyncio.sleep(0)  # the flush takes "a" and waits for Redis
+        writer.put([(k, b"x") for k in "bcdef"])
+        assert writer.pending == 3 and caches.stats()["predictions"]["dropped_writes"] == 2
     finally:
-        rp.stop()
+        rp.resume()
+    await caches.drain(limit=5)
+    r.close()
+    await caches.close()
