@@ -9,7 +9,7 @@ leaf with ``m`` distinct features is, for feature ``j`` on the path,
 
     phi_j = v * (o_j - z_j) * sum_{S subset of others} |S|! (m-1-|S|)! / m! * prod_{i in S} o_i
                                                                    * prod_{i not in S} z_i
-          = v * (o_j - z_j) * integral_0^1 prod_{i != j} (z_i (1 - t) + o_i t) dt,
+          = v * (o_j - z_j) * integral_0^1 prod_{i != j} (z_i + (o_i - z_i) t) dt,
 
 because ``k! (m-1-k)! / m!`` is the Beta integral of ``t^k (1-t)^(m-1-k)``. The integrand is a
 polynomial of degree ``m - 1``, which Gauss-Legendre quadrature with ``ceil(m / 2)`` points
@@ -18,76 +18,79 @@ shap's C implementation within 1e-9). Features not on a path are null players of
 SHAP values add over leaves and trees. (This is the path-wise form GPUTreeShap uses, with the
 combinatorial weights evaluated by quadrature, as in Linear TreeSHAP.)
 
-For a given row the elements split into those it satisfies (``A``, ``o = 1``, ``a`` of them) and those
-it does not (``B``, ``o = 0``, ``b`` of them, with ``Z_B = prod_{i in B} z_i``). Every ``f_i`` of ``B`` is
-``z_i (1 - t)``, so
+How it runs fast: every path of the same length ``m`` does the same arithmetic, so the paths are
+grouped by length and each group is laid out element-major (element ``i`` of all its paths is one
+contiguous run). For each length present in the model, a function with the quadrature fully unrolled
+(``m`` leave-one-out products at ``ceil(m / 2)`` points, every value a local) is generated and
+compiled; its loop over the group's paths has no branches and no inner loops, so the compiler runs
+it on SIMD lanes, several paths at a time (AVX-512 / AVX2 where the CPU has them). A row costs:
+one pass deciding ``o - z`` for every element (a lookup of the row's value and two comparisons),
+the unrolled group loops, and one pass adding each element's share to its feature. No fused
+multiply-add contraction and no fast-math: the same row gives the same bits on any x86-64 host.
 
-    phi_j = -v * Z_B * integral_0^1 (1 - t)^(b-1) prod_{i in A} f_i dt          (j in B: all equal)
-    phi_j = v * (1 - z_j) * Z_B * integral_0^1 (1 - t)^b prod_{i in A, i != j} f_i dt   (j in A)
-
-and both integrals are one Gauss-Jacobi quadrature with the weight ``(1 - t)^(b-1)`` folded in (the
-integrands left are polynomials of degree ``a``): ``floor(a / 2) + 1`` points over the ``a`` elements of
-``A`` only, instead of ``ceil(m / 2)`` points over all ``m`` (Gauss-Legendre when ``b = 0``). The same
-number, with a fraction of the work on typical rows.
-
-The kernel runs without the GIL (``nogil``), so a thread can explain while the event loop serves.
+The generated source is written to a module in a private cache directory (numba's disk cache
+needs a file), named by the hash of its text, so workers and restarts load the compiled code
+instead of compiling again (~0.5-1.5 s per length the first time). The kernel runs without the GIL
+(``nogil``), so a thread can explain while the event loop serves.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import functools
+import hashlib
+import importlib.util
+import os
+import stat
+import sys
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import numpy as np
-from numba import njit
 
-__all__ = ["PathEnsemble", "paths_from_trees", "tree_shap"]
+__all__ = ["PathEnsemble", "kernel_source", "paths_from_trees", "tree_shap"]
 
 
 @dataclass(frozen=True)
 class PathEnsemble:
-    """Every root-to-leaf path of an ensemble, with its distinct features merged.
+    """Every root-to-leaf path of an ensemble, with its distinct features merged, grouped by length.
 
-    Path ``p`` owns elements ``path_start[p]:path_start[p + 1]``; element ``e`` is feature
-    ``elem_feature[e]`` with the interval ``(elem_lo[e], elem_hi[e]]`` its splits allow,
-    (``elem_lo`` is NaN when no split bounds it from below, so ``-inf`` stays inside),
-    ``elem_nan[e]`` (whether a missing value goes the path's way at all of them) and ``elem_z[e]``
-    (product of cover fractions). ``quad_t[alpha, n]`` / ``quad_w[alpha, n]`` hold the ``n``-point
-    Gauss-Jacobi rule for ``integral_0^1 (1 - t)^alpha g(t) dt`` (padded with zero weights).
+    ``groups[g] = (m, count, first_element, first_path)``: group ``g`` holds ``count`` paths of ``m``
+    elements; element ``i`` of its path ``p`` is at ``first_element + i * count + p`` in the element
+    arrays, and the path's leaf value at ``first_path + p`` in ``path_value``. Element ``e`` is feature
+    ``elem_feature[e]`` with the interval ``(elem_lo[e], elem_hi[e]]`` its splits allow (``elem_lo``
+    is NaN when no split bounds it from below, so ``-inf`` stays inside), ``elem_nan[e]`` (1.0 when a
+    missing value goes the path's way at all of them, else 0.0) and ``elem_z[e]`` (product of cover
+    fractions).
     """
 
-    path_start: np.ndarray
+    groups: np.ndarray
     path_value: np.ndarray
     elem_feature: np.ndarray
     elem_lo: np.ndarray
     elem_hi: np.ndarray
     elem_nan: np.ndarray
     elem_z: np.ndarray
-    quad_t: np.ndarray
-    quad_w: np.ndarray
     base_value: float
     n_features: int
+    _kernel: list[Callable[..., None]] = field(default_factory=list, repr=False, compare=False)
 
     @property
     def n_paths(self) -> int:
         return int(self.path_value.size)
 
+    @property
+    def lengths(self) -> tuple[int, ...]:
+        """The path lengths present, ascending."""
+        return tuple(int(m) for m in self.groups[:, 0])
 
-def _quadrature(max_m: int) -> tuple[np.ndarray, np.ndarray]:
-    """Gauss-Jacobi rules on [0, 1] for the weights ``(1 - t)^alpha``, ``alpha`` in ``0..max_m``, with
-    ``1..n_max`` points: ``sum_k w[alpha, n, k] g(t[alpha, n, k]) == integral_0^1 (1 - t)^alpha g(t) dt``
-    for every polynomial ``g`` of degree below ``2 n``."""
-    from scipy.special import roots_jacobi
-
-    n_max = max_m // 2 + 1
-    t = np.full((max_m + 1, n_max + 1, n_max), 0.5)
-    w = np.zeros((max_m + 1, n_max + 1, n_max))
-    for alpha in range(max_m + 1):
-        for n in range(1, n_max + 1):
-            # scipy's rule is for (1 - x)^alpha on [-1, 1]; t = (x + 1) / 2 makes it (1 - t)^alpha 2^(alpha+1)
-            x, wx = roots_jacobi(n, float(alpha), 0.0)
-            t[alpha, n, :n] = (x + 1.0) / 2.0
-            w[alpha, n, :n] = wx / 2.0 ** (alpha + 1)
-    return t, w
+    def kernel(self) -> Callable[..., None]:
+        """The compiled kernel for this ensemble's path lengths (compiled or loaded on first use)."""
+        if not self._kernel:
+            self._kernel.append(_compiled_kernel(self.lengths))
+        return self._kernel[0]
 
 
 def paths_from_trees(children_left: np.ndarray, children_right: np.ndarray, children_default: np.ndarray,
@@ -95,13 +98,7 @@ def paths_from_trees(children_left: np.ndarray, children_right: np.ndarray, chil
                      base_offset: float, n_features: int) -> PathEnsemble:
     """Enumerate the paths of trees in shap's dense format (``[n_trees, max_nodes]`` arrays, split
     ``x <= threshold`` goes left, NaN goes to ``children_default``; ``values`` ``[n_trees, max_nodes]``)."""
-    starts = [0]
-    path_values: list[float] = []
-    feat: list[int] = []
-    lo: list[float] = []
-    hi: list[float] = []
-    nan_ok: list[bool] = []
-    z: list[float] = []
+    paths: list[tuple[float, list[tuple[int, float, float, bool, float]]]] = []
     base = float(base_offset)
     for t in range(children_left.shape[0]):
         left, right, default = children_left[t], children_right[t], children_default[t]
@@ -113,14 +110,7 @@ def paths_from_trees(children_left: np.ndarray, children_right: np.ndarray, chil
                 if not elems:  # a single-leaf tree: a constant, part of the base value
                     base += float(values[t, n])
                     continue
-                path_values.append(float(values[t, n]))
-                for f, (a, b, ok, zz) in elems.items():
-                    feat.append(f)
-                    lo.append(a)
-                    hi.append(b)
-                    nan_ok.append(bool(ok))
-                    z.append(zz)
-                starts.append(len(feat))
+                paths.append((float(values[t, n]), [(f, a, b, bool(ok), zz) for f, (a, b, ok, zz) in elems.items()]))
                 continue
             f, thr = int(features[t, n]), float(thresholds[t, n])
             for child, goes_left in ((int(left[n]), True), (int(right[n]), False)):
@@ -134,85 +124,174 @@ def paths_from_trees(children_left: np.ndarray, children_right: np.ndarray, chil
                 new = dict(elems)
                 new[f] = [a, b, ok, zz]
                 stack.append((child, new))
-    start = np.asarray(starts, dtype=np.int64)
-    lengths = np.diff(start)
     # the expected value: every leaf weighted by the share of the training samples that reach it
-    z_all = np.asarray(z, dtype=np.float64)
-    reach = np.multiply.reduceat(z_all, start[:-1]) if lengths.size else np.zeros(0)
-    base += float(np.dot(np.asarray(path_values, dtype=np.float64), reach))
-    quad_t, quad_w = _quadrature(int(lengths.max()) if lengths.size else 1)
-    return PathEnsemble(start, np.asarray(path_values, dtype=np.float64), np.asarray(feat, dtype=np.int64),
-                        np.asarray(lo, dtype=np.float64), np.asarray(hi, dtype=np.float64),
-                        np.asarray(nan_ok, dtype=np.bool_), np.asarray(z, dtype=np.float64), quad_t, quad_w,
-                        base, int(n_features))
+    for leaf_value, path_elems in paths:
+        base += leaf_value * float(np.prod([e[4] for e in path_elems]))
+    groups: list[tuple[int, int, int, int]] = []
+    columns: list[list[Any]] = [[], [], [], [], []]  # feature, lo, hi, nan_ok, z
+    path_values: list[float] = []
+    by_length: dict[int, list[tuple[float, list[tuple[int, float, float, bool, float]]]]] = {}
+    for path in paths:
+        by_length.setdefault(len(path[1]), []).append(path)
+    n_elements = 0
+    for m in sorted(by_length):
+        group = by_length[m]
+        groups.append((m, len(group), n_elements, len(path_values)))
+        for i in range(m):  # element-major: element i of every path of the group, then element i + 1
+            for _, path_elems in group:
+                for column, item in zip(columns, path_elems[i], strict=True):
+                    column.append(item)
+        path_values.extend(leaf_value for leaf_value, _ in group)
+        n_elements += m * len(group)
+    return PathEnsemble(np.asarray(groups, dtype=np.int64).reshape(-1, 4),
+                        np.asarray(path_values, dtype=np.float64),
+                        np.asarray(columns[0], dtype=np.int64), np.asarray(columns[1], dtype=np.float64),
+                        np.asarray(columns[2], dtype=np.float64), np.asarray(columns[3], dtype=np.float64),
+                        np.asarray(columns[4], dtype=np.float64), base, int(n_features))
 
 
-def _jit(fn):  # type: ignore[no-untyped-def]
-    """Compile without the GIL, cached on disk when there is a writable place for numba's cache."""
-    try:
-        return njit(nogil=True, cache=True)(fn)
-    except RuntimeError:  # no cache locator (read-only install, no home): compile once per process
-        return njit(nogil=True)(fn)
+_KERNEL_HEAD = '''\
+"""Generated by server.treeshap.kernel_source for the path lengths {lengths}: do not edit."""
+import numpy as np
+from numba import njit
+
+_OPTIONS = dict(nogil=True, error_model="numpy", cache={cache})
 
 
-@_jit
-def _tree_shap_kernel(x: np.ndarray, path_start: np.ndarray, path_value: np.ndarray, elem_feature: np.ndarray,
-                      elem_lo: np.ndarray, elem_hi: np.ndarray, elem_nan: np.ndarray, elem_z: np.ndarray,
-                      quad_t: np.ndarray, quad_w: np.ndarray, out: np.ndarray) -> None:  # pragma: no cover
-    max_m = quad_t.shape[0] - 1
-    feat_a = np.empty(max_m + 1, dtype=np.int64)  # features of the elements the row satisfies (A)
-    z_a = np.empty(max_m + 1)
-    feat_b = np.empty(max_m + 1, dtype=np.int64)  # and of those it does not (B)
-    before = np.empty(max_m + 1)
-    acc_a = np.empty(max_m + 1)
+@njit(**_OPTIONS)
+def _elements(xr, feature, lo, hi, nan_ok, z, d):  # pragma: no cover
+    # d = o - z: o is 1 when the row satisfies the element (v in (lo, hi], or v missing and NaN goes
+    # this way; lo is NaN when unbounded below, then "v <= lo" is false)
+    for e in range(feature.size):
+        v = xr[feature[e]]
+        d[e] = (1.0 if v <= hi[e] else 0.0) * (0.0 if v <= lo[e] else 1.0) + (nan_ok[e] if v != v else 0.0) - z[e]
+'''
+
+_KERNEL_DRIVER = '''
+
+@njit(**_OPTIONS)
+def shap_rows(x, groups, feature, lo, hi, nan_ok, z, value, out):  # pragma: no cover
+    d = np.empty(feature.size)
+    share = np.empty(feature.size)
     for r in range(x.shape[0]):
-        for p in range(path_value.shape[0]):
-            s = path_start[p]
-            m = path_start[p + 1] - s
-            a = 0
-            zb = 1.0
-            for i in range(m):  # branch-free: both lists are written, the counts decide what is kept
-                e = s + i
-                feature = elem_feature[e]
-                v = x[r, feature]
-                z = elem_z[e]
-                # the row satisfies the element: v in (lo, hi], or v missing and NaN goes this way
-                # (lo is NaN when unbounded below, then "v <= lo" is false)
-                o = int(v <= elem_hi[e]) * (1 - int(v <= elem_lo[e])) + int(v != v) * int(elem_nan[e])
-                feat_a[a] = feature
-                z_a[a] = z
-                feat_b[i - a] = feature
-                a += o
-                zb *= z + o * (1.0 - z)
-            if zb == 0.0:
-                continue  # every coalition's path to this leaf has a zero-cover branch: all zero
-            b = m - a
-            val = path_value[p] * zb
-            # One Jacobi rule serves both integrals: weight (1-t)^(b-1) (Legendre when b = 0), n points.
-            alpha = b - 1 if b > 0 else 0
-            n = a // 2 + 1 if b > 0 else (a + 1) // 2
-            for i in range(a):
-                acc_a[i] = 0.0
-            acc_b = 0.0
-            for k in range(n):  # running products stay in registers; f is cheap to recompute
-                t = quad_t[alpha, n, k]
-                wk = quad_w[alpha, n, k]
-                run = 1.0
-                for i in range(a):
-                    before[i] = run  # prod_{i' < i} f_i'
-                    run *= z_a[i] + (1.0 - z_a[i]) * t
-                acc_b += wk * run  # prod_A f, for B
-                after = wk * (1.0 - t) if b > 0 else wk
-                for i in range(a - 1, -1, -1):
-                    acc_a[i] += before[i] * after
-                    after *= z_a[i] + (1.0 - z_a[i]) * t
-            if b > 0:  # j in B: -v Z_B integral (1-t)^(b-1) prod_A f, the same for all of them
-                c = -val * acc_b
-                for i in range(b):
-                    out[r, feat_b[i]] += c
-            # j in A: v (1 - z_j) Z_B integral (1-t)^b prod_{A, i != j} f  (leave-one-out products)
-            for i in range(a):
-                out[r, feat_a[i]] += val * (1.0 - z_a[i]) * acc_a[i]
+        _elements(x[r], feature, lo, hi, nan_ok, z, d)
+        for g in range(groups.shape[0]):
+            m = groups[g, 0]
+            count = groups[g, 1]
+            first = groups[g, 2]
+            path = groups[g, 3]
+{dispatch}
+        row = out[r]
+        for e in range(feature.size):
+            row[feature[e]] += share[e]
+'''
+
+
+def _group_source(m: int) -> str:
+    """The unrolled function for paths of ``m`` elements: ``share[e] = v (o - z) integral prod_{i != j} f_i``
+    over the Gauss-Legendre rule of ``ceil(m / 2)`` points, one path per loop iteration."""
+    n = (m + 1) // 2
+    x, w = np.polynomial.legendre.leggauss(n)
+    points = [(repr(float((xk + 1.0) / 2.0)), repr(float(wk / 2.0))) for xk, wk in zip(x, w, strict=True)]
+    span = [f"first + {i} * count:first + {i + 1} * count" for i in range(m)]
+    lines = ["", "", "@njit(**_OPTIONS)",
+             f"def _length_{m}(d, z, value, first, count, path, share):  # pragma: no cover",
+             "    v = value[path:path + count]"]
+    lines += [f"    d{i}, z{i}, s{i} = d[{span[i]}], z[{span[i]}], share[{span[i]}]" for i in range(m)]
+    lines.append("    for p in range(count):")
+    for i in range(m):
+        lines.append(f"        a{i} = z{i}[p]")
+        lines.append(f"        b{i} = d{i}[p]")
+        lines.append(f"        phi{i} = 0.0")
+    for t, wk in points:
+        for i in range(m):
+            lines.append(f"        f{i} = a{i} + b{i} * {t}")
+        lines.append(f"        pre0 = {wk}")  # prefix products, the quadrature weight folded in
+        lines += [f"        pre{i} = pre{i - 1} * f{i - 1}" for i in range(1, m)]
+        lines.append("        suf = 1.0")
+        for i in range(m - 1, -1, -1):
+            lines.append(f"        phi{i} += pre{i} * suf")
+            if i:
+                lines.append(f"        suf *= f{i}")
+    lines.append("        vp = v[p]")
+    lines += [f"        s{i}[p] = vp * b{i} * phi{i}" for i in range(m)]
+    return "\n".join(lines) + "\n"
+
+
+def kernel_source(lengths: tuple[int, ...], cache: bool = True) -> str:
+    """The Python source of the kernel for paths of the given lengths (numba-compiled on import)."""
+    if not lengths or min(lengths) < 1:
+        raise ValueError(f"path lengths must be positive, got {lengths}")
+    dispatch = "\n".join(
+        f"            {'if' if k == 0 else 'elif'} m == {m}:\n"
+        f"                _length_{m}(d, z, value, first, count, path, share)" for k, m in enumerate(lengths))
+    return (_KERNEL_HEAD.format(lengths=list(lengths), cache=cache)
+            + "".join(_group_source(m) for m in lengths)
+            + _KERNEL_DRIVER.format(dispatch=dispatch))
+
+
+def _private_dir(path: Path) -> bool:
+    """Create ``path`` (mode 0700) if needed; true when it is a directory of ours nobody else can write."""
+    try:
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        st = path.stat()
+    except OSError:
+        return False
+    return stat.S_ISDIR(st.st_mode) and st.st_uid == os.getuid() and not st.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
+
+
+def _kernel_dirs() -> list[Path]:
+    """Where the generated kernel may live, in order: beside this module (as numba's own cache), then
+    the user's cache directory (numba's ``NUMBA_CACHE_DIR`` when set)."""
+    from numba.core import config
+    from numba.misc.appdirs import AppDirs
+
+    numba_dir = getattr(config, "CACHE_DIR", "")
+    user = Path(numba_dir) if numba_dir else Path(AppDirs("credscope").user_cache_dir)
+    return [Path(__file__).parent / "__pycache__" / "treeshap_kernels", user / "credscope-treeshap"]
+
+
+def _module_file(source: str, name: str) -> Path | None:
+    """Write ``source`` to ``<private dir>/<name>.py`` unless it is there already with that text (an
+    unchanged file keeps numba's cache valid); None when no private, writable directory is at hand."""
+    for directory in _kernel_dirs():
+        if not _private_dir(directory):
+            continue
+        target = directory / f"{name}.py"
+        try:
+            if target.is_file() and target.read_text() == source:
+                return target
+            fd, tmp = tempfile.mkstemp(dir=directory, suffix=".tmp")
+            with os.fdopen(fd, "w") as fh:
+                fh.write(source)
+            os.replace(tmp, target)
+            return target
+        except OSError:
+            continue
+    return None
+
+
+@functools.cache
+def _compiled_kernel(lengths: tuple[int, ...]) -> Callable[..., None]:
+    source = kernel_source(lengths)
+    name = "credscope_treeshap_" + hashlib.sha256(source.encode()).hexdigest()[:16]
+    module = sys.modules.get(name)
+    if module is None:
+        path = _module_file(source, name)
+        if path is None:  # nowhere to keep it: compile in memory, once per process
+            namespace: dict[str, Any] = {"__name__": name}
+            exec(compile(kernel_source(lengths, cache=False), f"<{name}>", "exec"), namespace)  # noqa: S102 - our own generated text
+            return namespace["shap_rows"]  # type: ignore[no-any-return]
+        spec = importlib.util.spec_from_file_location(name, path)
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        try:
+            spec.loader.exec_module(module)
+        except BaseException:
+            del sys.modules[name]
+            raise
+    return module.shap_rows  # type: ignore[no-any-return]
 
 
 def tree_shap(paths: PathEnsemble, x: np.ndarray) -> np.ndarray:
@@ -221,6 +300,7 @@ def tree_shap(paths: PathEnsemble, x: np.ndarray) -> np.ndarray:
     if x.ndim != 2 or x.shape[1] != paths.n_features:
         raise ValueError(f"expected a matrix [N, {paths.n_features}], got shape {x.shape}")
     out = np.zeros((x.shape[0], paths.n_features), dtype=np.float64)
-    _tree_shap_kernel(x, paths.path_start, paths.path_value, paths.elem_feature, paths.elem_lo, paths.elem_hi,
-                      paths.elem_nan, paths.elem_z, paths.quad_t, paths.quad_w, out)
+    if paths.n_paths:
+        paths.kernel()(x, paths.groups, paths.elem_feature, paths.elem_lo, paths.elem_hi, paths.elem_nan,
+                       paths.elem_z, paths.path_value, out)
     return out

@@ -129,7 +129,8 @@ async def at(condition, action) -> None:  # type: ignore[no-untyped-def]
 
 class Outage:
     """Takes a service down once the load has made ``after`` calls, and back once it has made ``more``
-    calls since and at least ``seconds`` have passed (long enough for every cache in front of it to expire)."""
+    calls since and at least ``seconds`` have passed (long enough for every cache in front of it to expire);
+    stops the load 150 calls and ``seconds`` after that."""
 
     def __init__(self, load: Load, down, up, *, after: int, more: int, seconds: float) -> None:  # type: ignore[no-untyped-def]
         self.load, self.down, self.up = load, down, up
@@ -142,8 +143,10 @@ class Outage:
         await at(lambda: self.load.done >= done_then + self.more and time.monotonic() - began >= self.seconds,
                  self.up)
         self.calls_during = self.load.done - done_then
-        settled = self.load.done
-        await at(lambda: self.load.done >= settled + 150, stop.set)
+        # and 150 calls and ``seconds`` more once it is back: longer than any retry interval in front of it,
+        # so the calls after the outage reach it again (150 calls alone can take less than that)
+        settled, back = self.load.done, time.monotonic()
+        await at(lambda: self.load.done >= settled + 150 and time.monotonic() - back >= self.seconds, stop.set)
 
 
 def stop_server(sp: ServerProcess) -> None:

@@ -1,9 +1,10 @@
-"""In-process cost of a Score call: the servicer behind the interceptor stages, without gRPC.
+"""In-process cost of a Score (or BatchScore) call: the servicer behind the interceptor stages, without gRPC.
 
 Builds the server's own objects (``server.app.CredScopeServer``: runtime, caches, audit writer on SQLite in
 a temporary folder, key store, rate limiter, metrics) and calls ``ScoringService.Score`` through the same
 interceptor stages, in order, from a loop on this process, with a new applicant every call (cache misses).
-Prints the CPU time of the whole process (every thread: audit writer, explain threads) per call, per round.
+Prints the CPU time of the whole process (every thread: audit writer, explain threads) per call, per round;
+with ``--batch N`` it calls ``BatchScore`` with N new applicants per call and prints the wall time per call too.
 
 ``--without`` switches parts off to see what each costs: ``reasons`` (adverse-action reasons, i.e.
 TreeSHAP for REVIEW/REJECT applicants), ``audit``, ``cache``, ``signals`` (input-contract counters),
@@ -11,6 +12,7 @@ TreeSHAP for REVIEW/REJECT applicants), ``audit``, ``cache``, ``signals`` (input
 
     python -m tools.bench_handler --model-dir models
     python -m tools.bench_handler --without reasons --without audit
+    python -m tools.bench_handler --batch 1000 --calls 20
 """
 
 from __future__ import annotations
@@ -26,7 +28,8 @@ from pathlib import Path
 from typing import Any
 
 PARTS = ("reasons", "audit", "cache", "signals", "metrics")
-METHOD = "/credscope.v1.ScoringService/Score"
+SCORE = "/credscope.v1.ScoringService/Score"
+BATCH = "/credscope.v1.ScoringService/BatchScore"
 
 
 class _Context:
@@ -76,13 +79,13 @@ def _switch_off(settings: Any, without: set[str]) -> None:
         scoring.needs_explanation = lambda *a, **k: False  # type: ignore[assignment]
 
 
-def _chain(stages: list[Any], handler: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+def _chain(stages: list[Any], handler: Callable[..., Awaitable[Any]], method: str) -> Callable[..., Awaitable[Any]]:
     """``handler`` behind the stages, the first outermost (what gRPC builds from the interceptors)."""
     behavior = handler
     for stage in reversed(stages):
         def wrap(stage: Any = stage, inner: Callable[..., Awaitable[Any]] = behavior) -> Callable[..., Awaitable[Any]]:
             async def call(request: Any, context: Any) -> Any:
-                return await stage.around(METHOD, inner, request, context)
+                return await stage.around(method, inner, request, context)
             return call
         behavior = wrap()
     return behavior
@@ -108,8 +111,15 @@ async def run(args: argparse.Namespace) -> list[float]:
     await server.start()
     try:
         n = args.calls
-        requests = [scoring_pb2.ScoreRequest(applicant=a) for a in Applicants().take(n * (args.rounds + 1))]
-        call = _chain(server.interceptors(), server.scoring.Score)
+        what = f"BatchScore of {args.batch}" if args.batch else "Score"
+        if args.batch:
+            people = Applicants().take(n * (args.rounds + 1) * args.batch)
+            requests: list[Any] = [scoring_pb2.BatchScoreRequest(applicants=people[i:i + args.batch])
+                                   for i in range(0, len(people), args.batch)]
+            call = _chain(server.interceptors(), server.scoring.BatchScore, BATCH)
+        else:
+            requests = [scoring_pb2.ScoreRequest(applicant=a) for a in Applicants().take(n * (args.rounds + 1))]
+            call = _chain(server.interceptors(), server.scoring.Score, SCORE)
 
         async def one(request: Any) -> None:
             token = rc._current.set(None)  # noqa: SLF001 - each call starts without a request context
@@ -122,11 +132,13 @@ async def run(args: argparse.Namespace) -> list[float]:
             await one(r)
         out = []
         for k in range(1, args.rounds + 1):
-            started = time.process_time()
+            started, wall = time.process_time(), time.perf_counter()
             for r in requests[k * n:(k + 1) * n]:
                 await one(r)
             out.append((time.process_time() - started) / n * 1e6)
-            print(f"round {k}: {out[-1]:.0f} µs of CPU per Score (all threads), {n} calls", flush=True)
+            elapsed = (time.perf_counter() - wall) / n * 1e3
+            print(f"round {k}: {out[-1]:.0f} µs of CPU per {what} (all threads), {elapsed:.2f} ms wall per call, "
+                  f"{n} calls", flush=True)
         return out
     finally:
         await server.stop()
@@ -139,6 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-dir", type=Path, default=Path("models"), help="model store (default %(default)s)")
     p.add_argument("--calls", type=int, default=3000, help="calls per round (default %(default)s)")
     p.add_argument("--rounds", type=int, default=3, help="measured rounds after one warm-up (default %(default)s)")
+    p.add_argument("--batch", type=int, default=0,
+                   help="call BatchScore with this many applicants per call instead of Score (default: Score)")
     p.add_argument("--without", action="append", choices=PARTS, default=[],
                    help="switch a part off (repeatable): " + ", ".join(PARTS))
     return p
@@ -146,13 +160,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.calls < 1 or args.rounds < 1:
-        print("--calls and --rounds must be at least 1", file=sys.stderr)
+    if args.calls < 1 or args.rounds < 1 or args.batch < 0:
+        print("--calls and --rounds must be at least 1, --batch at least 0", file=sys.stderr)
         return 2
     os.environ.setdefault("CREDSCOPE_LOG_LEVEL", "WARNING")
-    print(f"Score in process, without: {', '.join(args.without) or 'nothing'}", flush=True)
+    what = f"BatchScore of {args.batch}" if args.batch else "Score"
+    print(f"{what} in process, without: {', '.join(args.without) or 'nothing'}", flush=True)
     rounds = asyncio.run(run(args))
-    print(f"median {sorted(rounds)[len(rounds) // 2]:.0f} µs of CPU per Score")
+    print(f"median {sorted(rounds)[len(rounds) // 2]:.0f} µs of CPU per {what}")
     return 0
 
 

@@ -1,0 +1,124 @@
+"""The TreeSHAP kernel itself (server.treeshap): exact on trees deeper than the served model's, the
+same bits for a row alone or in a batch, and the generated kernel module kept only where it is safe.
+
+The served model's paths are at most ~14 features long; here LightGBM grows leaf-wise trees with paths
+of 20+ distinct features and missing values routed both ways, and shap's TreeExplainer (C) on the same
+LightGBM model is the reference.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+from typing import Any
+
+import lightgbm as lgb
+import numpy as np
+import pytest
+
+from server import treeshap
+from server.treeshap import kernel_source, paths_from_trees, tree_shap
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def deep() -> tuple[Any, np.ndarray, Any, treeshap.PathEnsemble]:
+    """A LightGBM model with long paths, rows with missing values, shap's explainer and our paths."""
+    import shap
+
+    rng = np.random.default_rng(7)
+    x = rng.normal(size=(4_000, 30))
+    x[rng.random(x.shape) < 0.1] = np.nan
+    y = (np.sin(3 * np.nan_to_num(x[:, :20])).sum(axis=1) + rng.normal(size=4_000) > 0).astype(int)
+    model = lgb.LGBMClassifier(n_estimators=12, num_leaves=400, min_child_samples=2, max_depth=-1,
+                               learning_rate=0.3, verbose=-1, random_state=0).fit(x, y)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        explainer = shap.TreeExplainer(model, feature_perturbation="tree_path_dependent")
+    e = explainer.model
+    paths = paths_from_trees(e.children_left, e.children_right, e.children_default, e.features, e.thresholds,
+                             e.values[:, :, 0], e.node_sample_weight, float(np.asarray(e.base_offset).ravel()[0]),
+                             x.shape[1])
+    return model, x[:200], explainer, paths
+
+
+def test_deep_paths_match_shap(deep: tuple[Any, np.ndarray, Any, treeshap.PathEnsemble]) -> None:
+    model, rows, explainer, paths = deep
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        reference = np.asarray(explainer.shap_values(rows, check_additivity=False)).reshape(rows.shape)
+    assert max(paths.lengths) >= 16, paths.lengths  # longer than any path of the served model
+    assert paths.lengths == tuple(sorted(set(paths.lengths)))
+    phi = tree_shap(paths, rows)
+    assert np.max(np.abs(phi - reference)) < 1e-9
+    expected = float(np.asarray(explainer.expected_value).reshape(-1)[0])
+    assert abs(paths.base_value - expected) < 1e-9
+    margin = model.predict(rows, raw_score=True)
+    assert np.max(np.abs(paths.base_value + phi.sum(axis=1) - margin)) < 1e-9
+
+
+def test_a_row_gets_the_same_bits_alone_or_in_a_batch(deep: tuple[Any, np.ndarray, Any, treeshap.PathEnsemble]) -> None:
+    _, rows, _, paths = deep
+    batch = tree_shap(paths, rows[:40])
+    for i in (0, 17, 39):
+        np.testing.assert_array_equal(tree_shap(paths, rows[i:i + 1])[0], batch[i])
+
+
+def test_input_shape_is_checked(deep: tuple[Any, np.ndarray, Any, treeshap.PathEnsemble]) -> None:
+    _, rows, _, paths = deep
+    with pytest.raises(ValueError, match=r"expected a matrix \[N, 30\]"):
+        tree_shap(paths, rows[:, :5])
+    with pytest.raises(ValueError, match="path lengths must be positive"):
+        kernel_source(())
+
+
+def test_generated_module_is_written_once_to_a_private_directory(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    source = kernel_source((1, 2, 5))
+    private = tmp_path / "private"
+    monkeypatch.setattr(treeshap, "_kernel_dirs", lambda: [private])
+    first = treeshap._module_file(source, "k")
+    assert first == private / "k.py" and first.read_text() == source
+    assert private.stat().st_mode & 0o777 == 0o700
+    mtime = first.stat().st_mtime_ns
+    assert treeshap._module_file(source, "k") == first
+    assert first.stat().st_mtime_ns == mtime  # unchanged text: untouched, numba's cache stays valid
+    first.write_text("tampered")
+    assert treeshap._module_file(source, "k") == first and first.read_text() == source
+
+
+def test_a_directory_others_can_write_is_not_used(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    monkeypatch.setattr(treeshap, "_kernel_dirs", lambda: [shared])
+    assert treeshap._module_file(kernel_source((3,)), "k") is None
+    assert not (shared / "k.py").exists()
+
+
+def test_kernel_compiles_in_memory_when_there_is_no_private_directory(tmp_path: Path) -> None:
+    """A process whose every candidate directory is unusable still explains (compiled in memory)."""
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    code = f"""
+import numpy as np
+from server import treeshap
+treeshap._kernel_dirs = lambda: [__import__('pathlib').Path({str(shared)!r})]
+from server.treeshap import paths_from_trees, tree_shap
+# one tree: x0 <= 0.5 goes left (cover 3), else right (cover 1); NaN goes left
+paths = paths_from_trees(np.array([[1, -1, -1]]), np.array([[2, -1, -1]]), np.array([[1, -1, -1]]),
+                         np.array([[0, 0, 0]]), np.array([[0.5, 0, 0]]), np.array([[0.0, 1.0, 5.0]]),
+                         np.array([[4.0, 3.0, 1.0]]), 0.0, 1)
+print(tree_shap(paths, np.array([[0.0], [1.0], [np.nan]])).ravel().tolist(), paths.base_value)
+"""
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)}, check=True).stdout.split()
+    # E[f] = 0.75 * 1 + 0.25 * 5 = 2; phi = f(x) - E[f]
+    assert out[:3] == ["[-1.0,", "3.0,", "-1.0]"], out
+    assert float(out[3]) == 2.0
+    assert os.listdir(shared) == []
