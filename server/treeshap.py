@@ -24,8 +24,9 @@ contiguous run). For each length present in the model, a function with the quadr
 (``m`` leave-one-out products at ``ceil(m / 2)`` points, every value a local) is generated and
 compiled; its loop over the group's paths has no branches and no inner loops, so the compiler runs
 it on SIMD lanes, several paths at a time (AVX-512 / AVX2 where the CPU has them). A row costs:
-one pass deciding ``o - z`` for every element (a lookup of the row's value and two comparisons),
-the unrolled group loops, and one pass adding each element's share to its feature. No fused
+one pass deciding which elements the row meets (a lookup of its value and two comparisons, no branches),
+the unrolled group loops, and one pass adding each element's share to its feature (into four interleaved
+partial sums, so consecutive adds do not wait on each other, summed in a fixed order). No fused
 multiply-add contraction and no fast-math: the same row gives the same bits on any x86-64 host.
 
 The generated source is written to a module in a private cache directory (numba's disk cache
@@ -61,9 +62,9 @@ class PathEnsemble:
     elements; element ``i`` of its path ``p`` is at ``first_element + i * count + p`` in the element
     arrays, and the path's leaf value at ``first_path + p`` in ``path_value``. Element ``e`` is feature
     ``elem_feature[e]`` with the interval ``(elem_lo[e], elem_hi[e]]`` its splits allow (``elem_lo``
-    is NaN when no split bounds it from below, so ``-inf`` stays inside), ``elem_nan[e]`` (1.0 when a
-    missing value goes the path's way at all of them, else 0.0) and ``elem_z[e]`` (product of cover
-    fractions).
+    is NaN when no split bounds it from below, so ``-inf`` stays inside; float32 when every bound is a
+    float32 value, as in ONNX), ``elem_nan[e]`` (whether a missing value goes the path's way at all of
+    them) and ``elem_z[e]`` (product of cover fractions).
     """
 
     groups: np.ndarray
@@ -143,11 +144,17 @@ def paths_from_trees(children_left: np.ndarray, children_right: np.ndarray, chil
                     column.append(item)
         path_values.extend(leaf_value for leaf_value, _ in group)
         n_elements += m * len(group)
+    # The kernel streams these arrays once per row, so they are as narrow as exactness allows: the
+    # thresholds of an ONNX tree ensemble are float32 values (kept as float32), others stay float64.
+    bounds = [np.asarray(columns[k], dtype=np.float64) for k in (1, 2)]
+    if all(np.array_equal(b.astype(np.float32), b, equal_nan=True) for b in bounds):
+        bounds = [b.astype(np.float32) for b in bounds]
+    feature_type = np.uint16 if n_features <= np.iinfo(np.uint16).max + 1 else np.int64
     return PathEnsemble(np.asarray(groups, dtype=np.int64).reshape(-1, 4),
                         np.asarray(path_values, dtype=np.float64),
-                        np.asarray(columns[0], dtype=np.int64), np.asarray(columns[1], dtype=np.float64),
-                        np.asarray(columns[2], dtype=np.float64), np.asarray(columns[3], dtype=np.float64),
-                        np.asarray(columns[4], dtype=np.float64), base, int(n_features))
+                        np.asarray(columns[0], dtype=feature_type), bounds[0], bounds[1],
+                        np.asarray(columns[3], dtype=np.bool_), np.asarray(columns[4], dtype=np.float64),
+                        base, int(n_features))
 
 
 _KERNEL_HEAD = '''\
@@ -159,31 +166,34 @@ _OPTIONS = dict(nogil=True, error_model="numpy", cache={cache})
 
 
 @njit(**_OPTIONS)
-def _elements(xr, feature, lo, hi, nan_ok, z, d):  # pragma: no cover
-    # d = o - z: o is 1 when the row satisfies the element (v in (lo, hi], or v missing and NaN goes
-    # this way; lo is NaN when unbounded below, then "v <= lo" is false)
+def _elements(xr, feature, lo, hi, nan_ok, met):  # pragma: no cover
+    # met[e] = 1 when the row satisfies element e: v in (lo, hi], or v missing and NaN goes this way
+    # (lo is NaN when unbounded below, then "v <= lo" is false); no branches (rows differ, branches mispredict)
     for e in range(feature.size):
         v = xr[feature[e]]
-        d[e] = (1.0 if v <= hi[e] else 0.0) * (0.0 if v <= lo[e] else 1.0) + (nan_ok[e] if v != v else 0.0) - z[e]
+        met[e] = ((v <= hi[e]) & ((v <= lo[e]) ^ True)) | ((v != v) & nan_ok[e])
 '''
 
 _KERNEL_DRIVER = '''
 
 @njit(**_OPTIONS)
 def shap_rows(x, groups, feature, lo, hi, nan_ok, z, value, out):  # pragma: no cover
-    d = np.empty(feature.size)
+    met = np.empty(feature.size, dtype=np.uint8)
     share = np.empty(feature.size)
     for r in range(x.shape[0]):
-        _elements(x[r], feature, lo, hi, nan_ok, z, d)
+        _elements(x[r], feature, lo, hi, nan_ok, met)
         for g in range(groups.shape[0]):
             m = groups[g, 0]
             count = groups[g, 1]
             first = groups[g, 2]
             path = groups[g, 3]
 {dispatch}
-        row = out[r]
+        acc = np.zeros((4, out.shape[1]))
         for e in range(feature.size):
-            row[feature[e]] += share[e]
+            acc[e & 3, feature[e]] += share[e]
+        row = out[r]
+        for f in range(out.shape[1]):
+            row[f] += (acc[0, f] + acc[1, f]) + (acc[2, f] + acc[3, f])
 '''
 
 
@@ -195,13 +205,13 @@ def _group_source(m: int) -> str:
     points = [(repr(float((xk + 1.0) / 2.0)), repr(float(wk / 2.0))) for xk, wk in zip(x, w, strict=True)]
     span = [f"first + {i} * count:first + {i + 1} * count" for i in range(m)]
     lines = ["", "", "@njit(**_OPTIONS)",
-             f"def _length_{m}(d, z, value, first, count, path, share):  # pragma: no cover",
+             f"def _length_{m}(met, z, value, first, count, path, share):  # pragma: no cover",
              "    v = value[path:path + count]"]
-    lines += [f"    d{i}, z{i}, s{i} = d[{span[i]}], z[{span[i]}], share[{span[i]}]" for i in range(m)]
+    lines += [f"    o{i}, z{i}, s{i} = met[{span[i]}], z[{span[i]}], share[{span[i]}]" for i in range(m)]
     lines.append("    for p in range(count):")
     for i in range(m):
         lines.append(f"        a{i} = z{i}[p]")
-        lines.append(f"        b{i} = d{i}[p]")
+        lines.append(f"        b{i} = o{i}[p] - a{i}")
         lines.append(f"        phi{i} = 0.0")
     for t, wk in points:
         for i in range(m):
@@ -224,7 +234,7 @@ def kernel_source(lengths: tuple[int, ...], cache: bool = True) -> str:
         raise ValueError(f"path lengths must be positive, got {lengths}")
     dispatch = "\n".join(
         f"            {'if' if k == 0 else 'elif'} m == {m}:\n"
-        f"                _length_{m}(d, z, value, first, count, path, share)" for k, m in enumerate(lengths))
+        f"                _length_{m}(met, z, value, first, count, path, share)" for k, m in enumerate(lengths))
     return (_KERNEL_HEAD.format(lengths=list(lengths), cache=cache)
             + "".join(_group_source(m) for m in lengths)
             + _KERNEL_DRIVER.format(dispatch=dispatch))
