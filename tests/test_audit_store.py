@@ -355,3 +355,16 @@ async def test_refused_entries_are_set_aside_and_the_rest_written(url: str, tmp_
 def test_settings_defaults_are_embedded() -> None:
     s = AuditSettings()
     assert s.url.startswith("sqlite:///") and s.durability == "async" and s.queue_size >= s.batch_size
+
+
+def test_input_document_keeps_every_value() -> None:
+    """``predictions.input``: every column by name, missing as null, floats exact (numpy scalars too)."""
+    from server.audit.records import PredictionRecord
+
+    values = [float("nan"), -0.0, 1e-300, 1.7976931348623157e308, 0.1, np.float64(123456.789), 365243.0]
+    row = (values * len(COLUMN_NAMES))[:len(COLUMN_NAMES)]
+    record = PredictionRecord("r", row, 0.1, "APPROVE", "LOW", 0.9, "v", 1.0)
+    doc = json.loads(record.input_json())
+    assert list(doc) == list(COLUMN_NAMES)
+    for name, value in zip(COLUMN_NAMES, row, strict=True):
+        assert doc[name] is None if math.isnan(value) else doc[name] == float(value), (name, value, doc[name])
