@@ -43,6 +43,7 @@ from server.runtime import Runtime
 from server.scoring import Scorer
 from server.services.audit import explanation_of, report_outcome
 from server.settings import Settings
+from server.wire import decode_applicants
 
 T = TypeVar("T")
 
@@ -163,24 +164,22 @@ class ScoringService(scoring_pb2_grpc.ScoringServiceServicer):
             raise InvalidArgument(f"loan_parameters has {len(loan_violations)} invalid field(s)", loan_violations)
         top_k = explain_top_k(request.explain, len(self.runtime.scorer.model.features))
         response = scoring_pb2.BatchScoreResponse(request_id=request_id)
-        rows, positions = [], []
-        for i, applicant in enumerate(request.applicants):
-            row, violations = applicant_to_row(applicant, f"applicants[{i}]")
-            result = response.results.add(index=i)
-            if violations:
-                input_signals.refused(violations)
-                err = result.error
-                err.code = grpc.StatusCode.INVALID_ARGUMENT.value[0]
-                err.message = f"applicant {i} has {len(violations)} invalid field(s)"
-                for v in violations:
-                    err.field_violations.add(field=v.field, description=v.description)
-            else:
-                rows.append(row)
-                positions.append(i)
+        encoded, positions, bad = decode_applicants(request)  # the rows applicant_to_row gives, from the wire
+        results = response.results
+        for i in range(n):
+            results.add(index=i)
+        for i, violations in bad:
+            input_signals.refused(violations)
+            err = results[i].error
+            err.code = grpc.StatusCode.INVALID_ARGUMENT.value[0]
+            err.message = f"applicant {i} has {len(violations)} invalid field(s)"
+            for v in violations:
+                err.field_violations.add(field=v.field, description=v.description)
+        rows: list[list[float]] = encoded.tolist()
         scorer = self.runtime.scorer
         response.model_version = scorer.version
         metrics.prediction_error("invalid_argument", n - len(rows))
-        matrix = rows_to_matrix(rows)
+        matrix = encoded.astype(np.float32)
         input_signals.observe(scorer, matrix)
         deadline.check(context, "scoring")
         pairs = await score_rows(scorer, matrix, self.caches) if rows else []

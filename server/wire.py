@@ -1,0 +1,211 @@
+"""BatchScore's applicants decoded straight from the wire into the model's input matrix.
+
+:func:`server.convert.applicant_to_row` walks each parsed ``Applicant`` in Python (~7 µs each, ~7 ms for a
+batch of 1,000, on the event loop). Here the whole request is serialized once (one C call) and a compiled
+pass reads every applicant's fields into a float64 matrix, checking each value against the same fast
+ranges; a value outside them is checked by :meth:`server.schema.Column.check` (e.g. DAYS_EMPLOYED's
+365243 code passes) and an applicant with anything unusual — a violation, a required field missing, a
+known field with an unexpected wire type, a group — goes through ``applicant_to_row`` itself, which has
+the last word and the messages. So the rows and the violations are exactly ``applicant_to_row``'s (the
+tests hold them equal on random applicants and on hand-made wire encodings), at ~0.5 µs per applicant.
+
+Protobuf rules kept: the last occurrence of a field wins; an implicit-presence field (no ``optional``,
+enums included) at zero is missing; ``optional`` fields at zero are present; negative ``int32`` values
+come as 10-byte varints; unknown fields are skipped.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+from credscope.v1 import scoring_pb2
+from server.convert import _BY_FIELD, _REQUIRED_IMPLICIT, applicant_to_row
+from server.errors import Violation
+from server.schema import COLUMNS
+
+__all__ = ["decode_applicants"]
+
+_APPLICANTS = scoring_pb2.BatchScoreRequest.DESCRIPTOR.fields_by_name["applicants"].number
+
+# field number -> (column, type, zero is missing, categorical); type 0: double (fixed64), 1: int32, 2: bool
+# (varint) and enums are int32 varints with categorical set
+_DOUBLE, _INT32, _BOOL = 0, 1, 2
+_N_FIELDS = max(fd.number for fd in _BY_FIELD) + 1
+_COLUMN = np.full(_N_FIELDS, -1, dtype=np.int64)
+_TYPE = np.zeros(_N_FIELDS, dtype=np.int64)
+_IMPLICIT = np.zeros(_N_FIELDS, dtype=np.bool_)
+_CATEGORICAL = np.zeros(_N_FIELDS, dtype=np.bool_)
+_LO = np.zeros(len(COLUMNS))
+_HI = np.zeros(len(COLUMNS))
+for _fd, (_i, _categorical, _implicit, _lo, _hi, _col) in _BY_FIELD.items():
+    _COLUMN[_fd.number] = _i
+    _TYPE[_fd.number] = (_DOUBLE if _fd.type == _fd.TYPE_DOUBLE else _BOOL if _fd.type == _fd.TYPE_BOOL
+                         else _INT32)
+    if _fd.type not in (_fd.TYPE_DOUBLE, _fd.TYPE_BOOL, _fd.TYPE_INT32, _fd.TYPE_ENUM):
+        raise RuntimeError(f"applicant field {_fd.name}: wire decoding of type {_fd.type} is not implemented")
+    _IMPLICIT[_fd.number] = not _fd.has_presence
+    _CATEGORICAL[_fd.number] = _categorical
+    _LO[_i], _HI[_i] = _lo, _hi
+_REQUIRED = np.asarray([i for i, _, _ in _REQUIRED_IMPLICIT], dtype=np.int64)
+_MISSING = np.full(len(COLUMNS), np.nan)
+
+# row status
+_OK, _CHECK, _SLOW = 0, 1, 2
+
+
+@njit(nogil=True, cache=True)
+def _varint(buf: np.ndarray, pos: int, end: int) -> tuple[int, int]:  # pragma: no cover - compiled
+    """(value as uint64 bits in an int64, next position); next position -1 when malformed."""
+    result = 0
+    shift = 0
+    while pos < end and shift < 64:
+        b = buf[pos]
+        pos += 1
+        result |= (int(b) & 0x7F) << shift
+        if b < 0x80:
+            return result, pos
+        shift += 7
+    return 0, -1
+
+
+@njit(nogil=True, cache=True)
+def _decode(buf: np.ndarray, field_number: int, column: np.ndarray, kind: np.ndarray, implicit: np.ndarray,
+            categorical: np.ndarray, lo: np.ndarray, hi: np.ndarray, required: np.ndarray, missing: np.ndarray,
+            out: np.ndarray, status: np.ndarray, outside: np.ndarray) -> int:  # pragma: no cover - compiled
+    """Decode the ``field_number`` sub-messages of ``buf`` into rows of ``out``; returns how many, or -1 if
+    there were more than ``out`` holds or ``buf`` is malformed. ``outside[r, c]``: the value is outside the
+    fast range (``status[r] = _CHECK``); ``status[r] = _SLOW``: decode the row in Python."""
+    n = 0
+    pos = 0
+    end = buf.size
+    while pos < end:
+        key, pos = _varint(buf, pos, end)
+        if pos < 0:
+            return -1
+        number = key >> 3
+        wire = key & 7
+        if wire == 0:
+            _, pos = _varint(buf, pos, end)
+        elif wire == 1:
+            pos += 8
+        elif wire == 5:
+            pos += 4
+        elif wire == 2:
+            length, pos = _varint(buf, pos, end)
+            if pos < 0 or length < 0 or pos + length > end:
+                return -1
+            if number == field_number:
+                if n >= out.shape[0]:
+                    return -1
+                row = out[n]
+                row[:] = missing
+                status[n] = _OK
+                outside[n, :] = False
+                p = pos
+                stop = pos + length
+                while p < stop:
+                    k, p = _varint(buf, p, stop)
+                    if p < 0:
+                        status[n] = _SLOW
+                        break
+                    f = k >> 3
+                    w = k & 7
+                    known = f < column.size and column[f] >= 0
+                    if known and kind[f] == 0 and w == 1:
+                        if p + 8 > stop:
+                            status[n] = _SLOW
+                            break
+                        value = buf[p:p + 8].view(np.float64)[0]
+                        p += 8
+                    elif known and kind[f] != 0 and w == 0:
+                        raw, p = _varint(buf, p, stop)
+                        if p < 0:
+                            status[n] = _SLOW
+                            break
+                        if kind[f] == 2:
+                            value = 1.0 if raw != 0 else 0.0
+                        else:
+                            value = float(np.int32(raw & 0xFFFFFFFF))  # int32 keeps the low 32 bits
+                    else:
+                        if known or w == 3 or w == 4 or w == 6 or w == 7:
+                            status[n] = _SLOW  # a known field in another wire type, a group: Python decides
+                            break
+                        if w == 0:
+                            _, p = _varint(buf, p, stop)
+                            if p < 0:
+                                status[n] = _SLOW
+                                break
+                        elif w == 1:
+                            p += 8
+                        elif w == 5:
+                            p += 4
+                        else:
+                            ln, p = _varint(buf, p, stop)
+                            if p < 0 or ln < 0:
+                                status[n] = _SLOW
+                                break
+                            p += ln
+                        continue
+                    c = column[f]
+                    if implicit[f] and value == 0.0:  # -0.0 too: the zero value, missing
+                        row[c] = np.nan
+                        outside[n, c] = False
+                        continue
+                    if categorical[f]:
+                        value -= 1.0
+                    row[c] = value
+                    outside[n, c] = not (lo[c] <= value <= hi[c])
+                if p != stop and status[n] == _OK:
+                    status[n] = _SLOW
+                if status[n] == _OK:
+                    for c in range(outside.shape[1]):
+                        if outside[n, c]:
+                            status[n] = _CHECK
+                            break
+                    for c in required:
+                        if row[c] != row[c]:
+                            status[n] = _SLOW
+                n += 1
+            pos += length
+        else:
+            return -1
+        if pos < 0 or pos > end:
+            return -1
+    return n
+
+
+def decode_applicants(request: scoring_pb2.BatchScoreRequest
+                      ) -> tuple[np.ndarray, list[int], list[tuple[int, list[Violation]]]]:
+    """The encoded rows of a BatchScore request's valid applicants, as a float64 matrix in schema order (NaN
+    = missing; the model takes it as float32), their positions in the request, and ``(position,
+    violations)`` of the others: the same rows and violations as :func:`~server.convert.applicant_to_row`
+    on each applicant, with paths ``applicants[i].<field>``."""
+    applicants = request.applicants
+    n = len(applicants)
+    out = np.empty((n, len(COLUMNS)))
+    status = np.empty(n, dtype=np.int64)
+    outside = np.empty((n, len(COLUMNS)), dtype=np.bool_)
+    buf = np.frombuffer(request.SerializeToString(), dtype=np.uint8)
+    got = _decode(buf, _APPLICANTS, _COLUMN, _TYPE, _IMPLICIT, _CATEGORICAL, _LO, _HI, _REQUIRED, _MISSING,
+                  out, status, outside)
+    if got != n:  # cannot happen for a message upb parsed; decode every applicant in Python then
+        status[:] = _SLOW
+    slow = np.flatnonzero(status != _OK).tolist()
+    bad: list[tuple[int, list[Violation]]] = []
+    if slow:
+        for i in slow:
+            if status[i] == _CHECK and all(COLUMNS[c].check(float(out[i, c])) is None
+                                           for c in np.flatnonzero(outside[i]).tolist()):
+                continue  # outside the fast ranges, but allowed values (special codes)
+            row, violations = applicant_to_row(applicants[i], f"applicants[{i}]")
+            if violations:
+                bad.append((i, violations))
+            else:
+                out[i] = row
+    if not bad:
+        return out, list(range(n)), []
+    invalid = {i for i, _ in bad}
+    positions = [i for i in range(n) if i not in invalid]
+    return out[positions], positions, bad
+
