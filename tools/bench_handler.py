@@ -4,7 +4,8 @@ Builds the server's own objects (``server.app.CredScopeServer``: runtime, caches
 a temporary folder, key store, rate limiter, metrics) and calls ``ScoringService.Score`` through the same
 interceptor stages, in order, from a loop on this process, with a new applicant every call (cache misses).
 Prints the CPU time of the whole process (every thread: audit writer, explain threads) per call, per round;
-with ``--batch N`` it calls ``BatchScore`` with N new applicants per call and prints the wall time per call too.
+with ``--batch N`` it calls ``BatchScore`` with N new applicants per call and prints the wall time per call too;
+``--explain K`` asks for an explanation (top K) in every call.
 
 ``--without`` switches parts off to see what each costs: ``reasons`` (adverse-action reasons, i.e.
 TreeSHAP for REVIEW/REJECT applicants), ``audit``, ``cache``, ``signals`` (input-contract counters),
@@ -13,6 +14,7 @@ TreeSHAP for REVIEW/REJECT applicants), ``audit``, ``cache``, ``signals`` (input
     python -m tools.bench_handler --model-dir models
     python -m tools.bench_handler --without reasons --without audit
     python -m tools.bench_handler --batch 1000 --calls 20
+    python -m tools.bench_handler --explain 5
 """
 
 from __future__ import annotations
@@ -120,6 +122,10 @@ async def run(args: argparse.Namespace) -> list[float]:
         else:
             requests = [scoring_pb2.ScoreRequest(applicant=a) for a in Applicants().take(n * (args.rounds + 1))]
             call = _chain(server.interceptors(), server.scoring.Score, SCORE)
+        if args.explain:
+            for r in requests:
+                r.explain.enabled = True
+                r.explain.top_k = args.explain
 
         async def one(request: Any) -> None:
             token = rc._current.set(None)  # noqa: SLF001 - each call starts without a request context
@@ -153,6 +159,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rounds", type=int, default=3, help="measured rounds after one warm-up (default %(default)s)")
     p.add_argument("--batch", type=int, default=0,
                    help="call BatchScore with this many applicants per call instead of Score (default: Score)")
+    p.add_argument("--explain", type=int, default=0, metavar="K",
+                   help="ask for an explanation with the top K contributions in every call (default: none)")
     p.add_argument("--without", action="append", choices=PARTS, default=[],
                    help="switch a part off (repeatable): " + ", ".join(PARTS))
     return p
