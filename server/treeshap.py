@@ -31,7 +31,9 @@ multiply-add contraction and no fast-math: the same row gives the same bits on a
 
 The generated source is written to a module in a private cache directory (numba's disk cache
 needs a file), named by the hash of its text, so workers and restarts load the compiled code
-instead of compiling again (~0.5-1.5 s per length the first time). The kernel runs without the GIL
+instead of compiling again. The first compile (~0.5-1.5 s per length, ~12-15 s for the served
+model, mostly holding the GIL) runs in a child process, so a model version loading in a thread of a
+serving process does not stall its event loop; the process then loads the compiled code. The kernel runs without the GIL
 (``nogil``), so a thread can explain while the event loop serves.
 """
 
@@ -40,8 +42,10 @@ from __future__ import annotations
 import functools
 import hashlib
 import importlib.util
+import logging
 import os
 import stat
+import subprocess  # nosec B404 - runs our own interpreter on our generated module
 import sys
 import tempfile
 from collections.abc import Callable
@@ -52,6 +56,8 @@ from typing import Any
 import numpy as np
 
 __all__ = ["PathEnsemble", "kernel_source", "paths_from_trees", "tree_shap"]
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -90,7 +96,7 @@ class PathEnsemble:
     def kernel(self) -> Callable[..., None]:
         """The compiled kernel for this ensemble's path lengths (compiled or loaded on first use)."""
         if not self._kernel:
-            self._kernel.append(_compiled_kernel(self.lengths))
+            self._kernel.append(_compiled_kernel(self.lengths, self.elem_feature.dtype.name, self.elem_lo.dtype.name))
         return self._kernel[0]
 
 
@@ -194,6 +200,14 @@ def shap_rows(x, groups, feature, lo, hi, nan_ok, z, value, out):  # pragma: no 
         row = out[r]
         for f in range(out.shape[1]):
             row[f] += (acc[0, f] + acc[1, f]) + (acc[2, f] + acc[3, f])
+
+
+def warm(feature_dtype, bound_dtype):
+    """Compile shap_rows for these element dtypes (run in a child process: numba's cache keeps the result)."""
+    x = np.zeros((1, 1))
+    bounds = np.zeros(0, dtype=bound_dtype)
+    shap_rows(x, np.zeros((0, 4), dtype=np.int64), np.zeros(0, dtype=feature_dtype), bounds, bounds,
+              np.zeros(0, dtype=np.bool_), np.zeros(0), np.zeros(0), np.zeros((1, 1)))
 '''
 
 
@@ -281,8 +295,41 @@ def _module_file(source: str, name: str) -> Path | None:
     return None
 
 
+#: Run in a child process: load the generated module and compile its kernel into numba's disk cache.
+_WARM = """\
+import importlib.util, sys
+path, name, feature_dtype, bound_dtype = sys.argv[1:5]
+spec = importlib.util.spec_from_file_location(name, path)
+module = importlib.util.module_from_spec(spec)
+sys.modules[name] = module
+spec.loader.exec_module(module)
+module.warm(feature_dtype, bound_dtype)
+"""
+
+
+def _compiled_in_child(path: Path, name: str, feature_dtype: str, bound_dtype: str) -> bool:
+    """Compile the kernel of the module at ``path`` in a child process, unless numba's cache beside it has it.
+
+    Compiling takes ~12-15 s of CPU, most of it holding the GIL: in this process, while a new model version
+    loads in a thread, the event loop would stall that long. The child fills numba's disk cache; this process
+    then loads the compiled code (~0.1-1 s). False when the child failed (then this process compiles)."""
+    if any((path.parent / "__pycache__").glob(f"{name}.shap_rows-*.nbi")):
+        return True
+    try:
+        done = subprocess.run([sys.executable, "-c", _WARM, str(path), name, feature_dtype, bound_dtype],  # noqa: S603  # nosec B603 - our interpreter, our generated module
+                              capture_output=True, text=True, timeout=900, check=False)
+    except (OSError, subprocess.SubprocessError) as exc:
+        log.warning("TreeSHAP kernel: compiling in a child process failed (%s); compiling here", exc)
+        return False
+    if done.returncode != 0:
+        log.warning("TreeSHAP kernel: compiling in a child process failed (exit %s): %s; compiling here",
+                    done.returncode, done.stderr.strip()[-2000:])
+        return False
+    return True
+
+
 @functools.cache
-def _compiled_kernel(lengths: tuple[int, ...]) -> Callable[..., None]:
+def _compiled_kernel(lengths: tuple[int, ...], feature_dtype: str, bound_dtype: str) -> Callable[..., None]:
     source = kernel_source(lengths)
     name = "credscope_treeshap_" + hashlib.sha256(source.encode()).hexdigest()[:16]
     module = sys.modules.get(name)
@@ -290,8 +337,9 @@ def _compiled_kernel(lengths: tuple[int, ...]) -> Callable[..., None]:
         path = _module_file(source, name)
         if path is None:  # nowhere to keep it: compile in memory, once per process
             namespace: dict[str, Any] = {"__name__": name}
-            exec(compile(kernel_source(lengths, cache=False), f"<{name}>", "exec"), namespace)  # noqa: S102 - our own generated text
+            exec(compile(kernel_source(lengths, cache=False), f"<{name}>", "exec"), namespace)  # noqa: S102  # nosec B102 - our own generated text
             return namespace["shap_rows"]  # type: ignore[no-any-return]
+        _compiled_in_child(path, name, feature_dtype, bound_dtype)
         spec = importlib.util.spec_from_file_location(name, path)
         assert spec is not None and spec.loader is not None
         module = importlib.util.module_from_spec(spec)

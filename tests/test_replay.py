@@ -55,7 +55,8 @@ def test_replay_decisions(store, tmp_path: Path) -> None:  # type: ignore[no-unt
                 assert b.identical, b
                 assert list(b.replayed_reason_codes) == [x.code for x in p.reasons]
 
-            admin.admin_call("ActivateModel", admin_pb2.ActivateModelRequest(version=second))
+            # (a first switch to a model of another shape compiles its TreeSHAP kernel: ~15 s on a cold machine)
+            admin.admin_call("ActivateModel", admin_pb2.ActivateModelRequest(version=second), timeout=120)
             newer = c.score(applicant(**LOW_EXT))
             assert newer.model_version == second
             assert replay(admin, newer.request_id).identical

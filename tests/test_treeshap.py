@@ -122,3 +122,38 @@ print(tree_shap(paths, np.array([[0.0], [1.0], [np.nan]])).ravel().tolist(), pat
     assert out[:3] == ["[-1.0,", "3.0,", "-1.0]"], out
     assert float(out[3]) == 2.0
     assert os.listdir(shared) == []
+
+
+def _small_ensemble() -> treeshap.PathEnsemble:
+    """One tree: x0 <= 0.5 ? (x1 <= 0.5 ? (x2 <= 0.5 ? 1 : 2) : 3) : 4, covers 8/6/4/2/2/2/2."""
+    left = np.array([[1, 2, 3, -1, -1, -1, -1]])
+    right = np.array([[6, 5, 4, -1, -1, -1, -1]])
+    return paths_from_trees(left, right, left.copy(), np.array([[0, 1, 2, 0, 0, 0, 0]]),
+                            np.full((1, 7), 0.5), np.array([[0, 0, 0, 1.0, 2.0, 3.0, 4.0]]),
+                            np.array([[8.0, 6.0, 4.0, 2.0, 2.0, 2.0, 2.0]]), 0.0, 3)
+
+
+def test_first_compile_runs_in_a_child_process(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A new kernel compiles in a child process (the serving process only loads it from numba's cache, so
+    a model loading in a thread does not stall the event loop); a cached one starts no child."""
+    paths = _small_ensemble()
+    assert paths.lengths == (1, 2, 3)
+    monkeypatch.setattr(treeshap, "_kernel_dirs", lambda: [tmp_path / "kernels"])
+    children: list[list[str]] = []
+    real_run = subprocess.run
+
+    def spy(args: list[str], **kwargs: Any) -> Any:
+        children.append(args)
+        return real_run(args, **kwargs)
+
+    monkeypatch.setattr(treeshap.subprocess, "run", spy)
+    for _ in range(2):  # the second time, as in a new worker: nothing loaded in this process yet
+        treeshap._compiled_kernel.cache_clear()
+        for name in [n for n in sys.modules if n.startswith("credscope_treeshap_")]:
+            monkeypatch.delitem(sys.modules, name)
+        fresh = _small_ensemble()
+        phi = tree_shap(fresh, np.array([[0.0, 0.0, 0.0], [1.0, 1.0, 1.0]]))
+        np.testing.assert_allclose(phi.sum(axis=1) + fresh.base_value, [1.0, 4.0], atol=1e-12)
+    assert len(children) == 1 and children[0][0] == sys.executable
+    assert list((tmp_path / "kernels" / "__pycache__").glob("credscope_treeshap_*.nbi"))
+    treeshap._compiled_kernel.cache_clear()
