@@ -22,7 +22,7 @@ GOOD = {
     "amt_goods_price": 351000, "name_income_type": "Working", "name_education_type": "Higher education",
     "days_birth": -12000, "days_employed": -2000, "ext_source_2": 0.6, "ext_source_3": 0.5, "cnt_fam_members": 2,
 }
-UUID_RE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$")
+UUID_RE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-7[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$")  # UUIDv7, made by the server
 
 
 def applicant(**overrides) -> applicant_pb2.Applicant:  # type: ignore[no-untyped-def]

@@ -368,3 +368,20 @@ def test_input_document_keeps_every_value() -> None:
     assert list(doc) == list(COLUMN_NAMES)
     for name, value in zip(COLUMN_NAMES, row, strict=True):
         assert doc[name] is None if math.isnan(value) else doc[name] == float(value), (name, value, doc[name])
+
+
+def test_server_request_ids_are_time_ordered_uuids() -> None:
+    """Request ids the server makes are UUIDv7 (RFC 9562): unique, and ordered by time, so the audit tables'
+    request_id indexes append at their right edge instead of dirtying a random page per row."""
+    import time
+    import uuid
+
+    from server.context import new_request_id
+
+    before = time.time_ns() // 1_000_000
+    ids = [uuid.UUID(new_request_id()) for _ in range(20_000)]
+    after = time.time_ns() // 1_000_000
+    assert len(set(ids)) == len(ids)
+    assert {u.version for u in ids} == {7} and {u.variant for u in ids} == {uuid.RFC_4122}
+    stamps = [u.int >> 80 for u in ids]
+    assert stamps == sorted(stamps) and before <= stamps[0] and stamps[-1] <= after
