@@ -24,11 +24,13 @@ import asyncio
 import hashlib
 import json
 import logging
+import math
 import struct
 from collections.abc import Callable, Sequence
 from typing import Any, Generic, TypeVar
 
 import numpy as np
+import orjson
 
 from server import metrics, tracing
 from server.backends.cache import CacheBackend, CacheSpec, backend_kind, open_backends
@@ -95,10 +97,29 @@ def decode_result(data: bytes, version: str) -> ScoreResult | None:
     return ScoreResult(probability, DECISIONS[decision], RISK_LEVELS[risk], confidence, version)
 
 
+def _finite(value: Any) -> bool:
+    """No NaN or infinity anywhere in a JSON-able value (orjson would write them as null)."""
+    if isinstance(value, float):
+        return math.isfinite(value)
+    if isinstance(value, list | tuple):
+        return all(map(_finite, value))
+    if isinstance(value, dict):
+        return all(map(_finite, value.values()))
+    return True
+
+
 def encode_json(value: Any) -> bytes:
-    """A JSON-able value as compact UTF-8 JSON; bytes pass through untouched (prefixed so they stay apart)."""
+    """A JSON-able value as compact UTF-8 JSON; bytes pass through untouched (prefixed so they stay apart).
+
+    orjson (~15x faster than ``json.dumps`` on an explanation) unless a float is NaN or infinite (an engineered
+    feature's value can be x/0): those keep ``json.dumps``'s ``NaN`` / ``Infinity`` so they read back as such."""
     if isinstance(value, bytes | bytearray | memoryview):
         return b"b" + bytes(value)
+    if _finite(value):
+        try:
+            return b"j" + orjson.dumps(value)
+        except orjson.JSONEncodeError:  # what orjson does not take (e.g. non-str keys): json.dumps decides
+            pass
     return b"j" + json.dumps(value, separators=(",", ":"), allow_nan=True).encode()
 
 
@@ -109,7 +130,11 @@ def decode_json(data: bytes, version: str) -> Any:
         return body
     if tag == b"j":
         try:
-            return json.loads(body)
+            return orjson.loads(body)
+        except orjson.JSONDecodeError:
+            pass
+        try:
+            return json.loads(body)  # NaN / Infinity
         except ValueError:
             return None
     return None

@@ -107,6 +107,23 @@ def test_result_value_roundtrip_and_version_check() -> None:
     assert decode_json(b"?", "v") is None
 
 
+def test_json_values_round_trip_exactly() -> None:
+    """Every float comes back with the same bits — NaN and infinities too (an engineered feature's value can
+    be x/0), and None stays None; values orjson does not take still encode."""
+    import math
+    import random
+
+    rng = random.Random(5)
+    floats = [rng.uniform(-1e6, 1e6) for _ in range(200)] + [5e-324, -0.0, 1.7976931348623157e308, 0.1, 1 / 3]
+    value = {"base_value": -3.0195, "contributions": [["F", v, -v] for v in floats] + [["M", None, 0.25]]}
+    assert decode_json(encode_json(value), "v") == value
+    odd = {"base_value": 0.5, "contributions": [["X", math.inf, 0.1], ["Y", -math.inf, 0.2], ["Z", None, 0.3]]}
+    assert decode_json(encode_json(odd), "v") == odd
+    back = decode_json(encode_json({"v": [math.nan, 1.0]}), "v")
+    assert math.isnan(back["v"][0]) and back["v"][1] == 1.0
+    assert decode_json(encode_json({1: "a"}), "v") == {"1": "a"}  # json.dumps's rule for non-str keys
+
+
 @pytest.fixture(params=["memory", "redis"])
 async def caches(request: pytest.FixtureRequest) -> AsyncIterator[Caches]:
     if request.param == "memory":
