@@ -7,7 +7,8 @@ ranges; a value outside them is checked by :meth:`server.schema.Column.check` (e
 365243 code passes) and an applicant with anything unusual — a violation, a required field missing, a
 known field with an unexpected wire type, a group — goes through ``applicant_to_row`` itself, which has
 the last word and the messages. So the rows and the violations are exactly ``applicant_to_row``'s (the
-tests hold them equal on random applicants and on hand-made wire encodings), at ~0.5 µs per applicant.
+tests hold them equal on random applicants and on hand-made wire encodings), at ~1 µs per applicant
+(serializing the request included; measured 6.1 -> 1.0 ms for 1,000).
 
 Protobuf rules kept: the last occurrence of a field wins; an implicit-presence field (no ``optional``,
 enums included) at zero is missing; ``optional`` fields at zero are present; negative ``int32`` values
