@@ -71,6 +71,27 @@ def _varint(buf: np.ndarray, pos: int, end: int) -> tuple[int, int]:  # pragma: 
 
 
 @njit(nogil=True, cache=True)
+def _skip(buf: np.ndarray, pos: int, end: int, wire: int) -> int:  # pragma: no cover - compiled
+    """The position after a field value of wire type ``wire`` starting at ``pos``; -1 when it is malformed,
+    runs past ``end``, or is a group (or no valid wire type)."""
+    if wire == 0:
+        _, pos = _varint(buf, pos, end)
+        return pos
+    if wire == 1:
+        pos += 8
+    elif wire == 5:
+        pos += 4
+    elif wire == 2:
+        length, pos = _varint(buf, pos, end)
+        if pos < 0 or length < 0:
+            return -1
+        pos += length
+    else:
+        return -1
+    return pos if pos <= end else -1
+
+
+@njit(nogil=True, cache=True)
 def _decode(buf: np.ndarray, field_number: int, column: np.ndarray, kind: np.ndarray, implicit: np.ndarray,
             categorical: np.ndarray, lo: np.ndarray, hi: np.ndarray, required: np.ndarray, missing: np.ndarray,
             out: np.ndarray, status: np.ndarray, outside: np.ndarray) -> int:  # pragma: no cover - compiled
@@ -84,95 +105,72 @@ def _decode(buf: np.ndarray, field_number: int, column: np.ndarray, kind: np.nda
         key, pos = _varint(buf, pos, end)
         if pos < 0:
             return -1
-        number = key >> 3
-        wire = key & 7
-        if wire == 0:
-            _, pos = _varint(buf, pos, end)
-        elif wire == 1:
-            pos += 8
-        elif wire == 5:
-            pos += 4
-        elif wire == 2:
-            length, pos = _varint(buf, pos, end)
-            if pos < 0 or length < 0 or pos + length > end:
+        if key >> 3 != field_number or key & 7 != 2:
+            pos = _skip(buf, pos, end, key & 7)
+            if pos < 0:
                 return -1
-            if number == field_number:
-                if n >= out.shape[0]:
-                    return -1
-                row = out[n]
-                row[:] = missing
-                status[n] = _OK
-                outside[n, :] = False
-                p = pos
-                stop = pos + length
-                while p < stop:
-                    k, p = _varint(buf, p, stop)
-                    if p < 0:
-                        status[n] = _SLOW
-                        break
-                    f = k >> 3
-                    w = k & 7
-                    known = f < column.size and column[f] >= 0
-                    if known and kind[f] == 0 and w == 1:
-                        if p + 8 > stop:
-                            status[n] = _SLOW
-                            break
-                        value = buf[p:p + 8].view(np.float64)[0]
-                        p += 8
-                    elif known and kind[f] != 0 and w == 0:
-                        raw, p = _varint(buf, p, stop)
-                        if p < 0:
-                            status[n] = _SLOW
-                            break
-                        if kind[f] == 2:
-                            value = 1.0 if raw != 0 else 0.0
-                        else:
-                            value = float(np.int32(raw & 0xFFFFFFFF))  # int32 keeps the low 32 bits
-                    else:
-                        if known or w == 3 or w == 4 or w == 6 or w == 7:
-                            status[n] = _SLOW  # a known field in another wire type, a group: Python decides
-                            break
-                        if w == 0:
-                            _, p = _varint(buf, p, stop)
-                            if p < 0:
-                                status[n] = _SLOW
-                                break
-                        elif w == 1:
-                            p += 8
-                        elif w == 5:
-                            p += 4
-                        else:
-                            ln, p = _varint(buf, p, stop)
-                            if p < 0 or ln < 0:
-                                status[n] = _SLOW
-                                break
-                            p += ln
-                        continue
-                    c = column[f]
-                    if implicit[f] and value == 0.0:  # -0.0 too: the zero value, missing
-                        row[c] = np.nan
-                        outside[n, c] = False
-                        continue
-                    if categorical[f]:
-                        value -= 1.0
-                    row[c] = value
-                    outside[n, c] = not (lo[c] <= value <= hi[c])
-                if p != stop and status[n] == _OK:
+            continue
+        length, pos = _varint(buf, pos, end)
+        if pos < 0 or length < 0 or pos + length > end:
+            return -1
+        if n >= out.shape[0]:
+            return -1
+        row = out[n]
+        row[:] = missing
+        status[n] = _OK
+        outside[n, :] = False
+        p = pos
+        stop = pos + length
+        while p < stop:
+            k, p = _varint(buf, p, stop)
+            if p < 0:
+                status[n] = _SLOW
+                break
+            f = k >> 3
+            w = k & 7
+            known = f < column.size and column[f] >= 0
+            if known and kind[f] == 0 and w == 1:
+                if p + 8 > stop:
                     status[n] = _SLOW
-                if status[n] == _OK:
-                    for c in range(outside.shape[1]):
-                        if outside[n, c]:
-                            status[n] = _CHECK
-                            break
-                    for c in required:
-                        if row[c] != row[c]:
-                            status[n] = _SLOW
-                n += 1
-            pos += length
-        else:
-            return -1
-        if pos < 0 or pos > end:
-            return -1
+                    break
+                value = buf[p:p + 8].view(np.float64)[0]
+                p += 8
+            elif known and kind[f] != 0 and w == 0:
+                raw, p = _varint(buf, p, stop)
+                if p < 0:
+                    status[n] = _SLOW
+                    break
+                if kind[f] == 2:
+                    value = 1.0 if raw != 0 else 0.0
+                else:
+                    value = float(np.int32(raw & 0xFFFFFFFF))  # int32 keeps the low 32 bits
+            else:
+                p = -1 if known else _skip(buf, p, stop, w)  # known in another wire type: Python decides
+                if p < 0:
+                    status[n] = _SLOW
+                    break
+                continue
+            c = column[f]
+            if implicit[f] and value == 0.0:  # -0.0 too: the zero value, missing
+                row[c] = np.nan
+                outside[n, c] = False
+                continue
+            if categorical[f]:
+                value -= 1.0
+            row[c] = value
+            outside[n, c] = not (lo[c] <= value <= hi[c])
+        if p != stop and status[n] == _OK:
+            status[n] = _SLOW
+        if status[n] == _OK:
+            for c in range(outside.shape[1]):
+                if outside[n, c]:
+                    status[n] = _CHECK
+                    break
+            for c in required:
+                if row[c] != row[c]:
+                    status[n] = _SLOW
+        n += 1
+        pos += length
     return n
 
 
