@@ -49,7 +49,7 @@ import subprocess  # nosec B404 - runs our own interpreter on our generated modu
 import sys
 import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -82,7 +82,6 @@ class PathEnsemble:
     elem_z: np.ndarray
     base_value: float
     n_features: int
-    _kernel: list[Callable[..., None]] = field(default_factory=list, repr=False, compare=False)
 
     @property
     def n_paths(self) -> int:
@@ -93,11 +92,10 @@ class PathEnsemble:
         """The path lengths present, ascending."""
         return tuple(int(m) for m in self.groups[:, 0])
 
+    @functools.cached_property
     def kernel(self) -> Callable[..., None]:
-        """The compiled kernel for this ensemble's path lengths (compiled or loaded on first use)."""
-        if not self._kernel:
-            self._kernel.append(_compiled_kernel(self.lengths, self.elem_feature.dtype.name, self.elem_lo.dtype.name))
-        return self._kernel[0]
+        """The compiled kernel for this ensemble's path lengths and dtypes (compiled or loaded on first use)."""
+        return _compiled_kernel(self.lengths, self.elem_feature.dtype.name, self.elem_lo.dtype.name)
 
 
 def paths_from_trees(children_left: np.ndarray, children_right: np.ndarray, children_default: np.ndarray,
@@ -359,6 +357,6 @@ def tree_shap(paths: PathEnsemble, x: np.ndarray) -> np.ndarray:
         raise ValueError(f"expected a matrix [N, {paths.n_features}], got shape {x.shape}")
     out = np.zeros((x.shape[0], paths.n_features), dtype=np.float64)
     if paths.n_paths:
-        paths.kernel()(x, paths.groups, paths.elem_feature, paths.elem_lo, paths.elem_hi, paths.elem_nan,
+        paths.kernel(x, paths.groups, paths.elem_feature, paths.elem_lo, paths.elem_hi, paths.elem_nan,
                        paths.elem_z, paths.path_value, out)
     return out
