@@ -6,7 +6,10 @@ One small model (20k synthetic rows) is trained once per module in a temporary m
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -259,6 +262,19 @@ def test_version_is_deterministic_and_no_activate(trained: TrainResult, store: P
     assert active_version(store) == trained.version  # --no-activate left ACTIVE alone
     assert set(list_versions(store)) == {trained.version, other.version}
     assert load_model(store, other.version).version == other.version
+
+
+def test_version_does_not_depend_on_the_hash_seed(tmp_path: Path) -> None:
+    """Two processes with different hash seeds make the same bytes (skl2onnx listed the opsets in set order,
+    so one model got several versions and the bench's refitted MLServer peer was refused)."""
+    versions = []
+    for seed in ("1", "6"):  # (the two orders, before the fix)
+        out = subprocess.run(
+            [sys.executable, "-m", "tools.train", "--model-dir", str(tmp_path / seed), "--rows", "3000",
+             "--seed", "5", "--n-estimators", "5", "--quiet"],
+            env={**os.environ, "PYTHONHASHSEED": seed}, capture_output=True, text=True, timeout=300, check=True)
+        versions.append(out.stdout.strip().splitlines()[-1])
+    assert len(set(versions)) == 1, versions
 
 
 # ---------------------------------------------------------------------------------------------- the store

@@ -364,6 +364,11 @@ def export_onnx(pipeline: Pipeline) -> bytes:
     model.doc_string = "CredScope credit-risk model: raw applicant matrix -> P(default) in probabilities[:, 1]"
     # node covers for TreeSHAP, in the same file (see server.explain / tools.covers)
     add_tree_covers(model, pipeline.named_steps["lgbm"].booster_)
+    # skl2onnx lists the opsets in set order, which follows the process's hash seed: the same model would get
+    # another version from run to run (and the bench's refitted peer another model). One order: by domain.
+    opsets = sorted((o.domain, o.version) for o in model.opset_import)
+    del model.opset_import[:]
+    model.opset_import.extend(onnx.helper.make_opsetid(domain, version) for domain, version in opsets)
     onnx.checker.check_model(model)
     return model.SerializeToString(deterministic=True)
 
