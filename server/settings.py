@@ -144,6 +144,9 @@ class AuditSettings(BaseModel):
     queue_size: int = Field(100_000, ge=1, description="Most records waiting in a worker's audit queue; past it "
                             "calls wait for room (backpressure), records are never dropped.")
     pool_size: int = Field(4, ge=1, description="PostgreSQL connections per worker.")
+    store_process: bool = Field(True, description="Run each worker's audit store (shaping and inserting the rows, "
+                                "SQLite or PostgreSQL) in a child process of the worker, off the worker's GIL; "
+                                "false: in a thread of the worker.")
     timeout_seconds: float = Field(5.0, gt=0, description="Longest wait for the database (connect, one write, "
                                    "SQLite's lock) before a batch goes to the spool.")
     retry_seconds: float = Field(1.0, gt=0, description="While the database is down, how often the writer tries "

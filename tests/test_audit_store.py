@@ -94,9 +94,9 @@ def settings(url: str, tmp_path: Path, **overrides: Any) -> AuditSettings:
     return AuditSettings(**base)
 
 
-@pytest.fixture()
-async def store(url: str) -> AsyncIterator[Any]:
-    s = open_store(url)
+@pytest.fixture(params=[False, True], ids=["in-process", "child-process"])
+async def store(url: str, request: pytest.FixtureRequest) -> AsyncIterator[Any]:
+    s = open_store(url, process=request.param)
     await s.open()
     yield s
     await s.close()

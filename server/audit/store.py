@@ -142,8 +142,13 @@ class AuditStore(Protocol):
         """Release connections."""
 
 
-def open_store(url: str, *, timeout: float = 5.0, pool_size: int = 4) -> AuditStore:
-    """The store for a URL (not yet opened)."""
+def open_store(url: str, *, timeout: float = 5.0, pool_size: int = 4, process: bool = False) -> AuditStore:
+    """The store for a URL (not yet opened); ``process``: run it in a child process
+    (:class:`server.audit.process.ProcessAuditStore`)."""
+    if process:
+        from server.audit.process import ProcessAuditStore
+
+        return ProcessAuditStore(url, timeout=timeout, pool_size=pool_size)
     if dialect(url) == "sqlite":
         from server.audit.sqlite import SqliteAuditStore
 

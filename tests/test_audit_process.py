@@ -1,0 +1,200 @@
+"""The audit store in a child process (``server.audit.process``): what the worker sends arrives intact,
+errors keep their kind, and a child that dies or hangs loses nothing (the writer spools and replays)."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from server.audit.process import ProcessAuditStore, pack_entries, unpack_entries
+from server.audit.store import AuditStoreError
+from server.audit.writer import AuditWriter
+from server.settings import AuditSettings
+from tests.audit_helpers import eventually, fetch, make_entry
+from tests.helpers import ROOT
+
+
+def sqlite_url(tmp_path: Path) -> str:
+    return f"sqlite:///{tmp_path / 'audit.db'}"
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    status = Path(f"/proc/{pid}/stat")
+    return not (status.exists() and status.read_text().rsplit(")", 1)[1].split()[0] == "Z")
+
+
+def test_entries_survive_packing() -> None:
+    weird = [("a", float("nan"), float("inf")), ("b", None, -0.0), ("c", 1e-310, -1.5)]
+    entries = [make_entry(1, predictions=3, explanation=weird), make_entry(2, status="INVALID_ARGUMENT"),
+               make_entry(3, from_cache=True)]
+    entries[0].predictions[1].reason_codes = ["R1", "R2"]
+    back = unpack_entries(pack_entries(entries))
+    assert [b.usage for b in back] == [e.usage for e in entries]
+    for b, e in zip(back, entries, strict=True):
+        assert (b.created_at, b.client_name, len(b.predictions)) == (e.created_at, e.client_name, len(e.predictions))
+        for pb, pe in zip(b.predictions, e.predictions, strict=True):
+            assert pb.row == pe.row or all(x == y or (math.isnan(x) and math.isnan(y))
+                                           for x, y in zip(pb.row, pe.row, strict=True))
+            assert (pb.request_id, pb.probability, pb.reason_codes, pb.from_cache) == (
+                pe.request_id, pe.probability, pe.reason_codes, pe.from_cache)
+            assert repr(pb.explanation) == repr(pe.explanation)
+
+
+async def test_rows_written_by_the_child_equal_the_in_process_ones(tmp_path: Path) -> None:
+    """The same entries written in a thread of this process and by the child give the same rows."""
+    expl = [("EXT_SOURCE_MEAN", 0.25, -0.5), ("PAYMENT_RATE", float("inf"), 0.125), ("AGE", None, 0.0625)]
+    entries = [make_entry(i, predictions=1 + i % 3, explanation=expl if i % 2 else None) for i in range(20)]
+    tables = ("predictions", "shap_explanations", "api_usage")
+    rows = {}
+    for process in (False, True):
+        url = f"sqlite:///{tmp_path / f'audit-{process}.db'}"
+        from server.audit.store import open_store
+
+        store = open_store(url, process=process)
+        await store.open()
+        await store.write(entries)
+        await store.close()
+        rows[process] = {t: await fetch(url, f"SELECT * FROM {t} ORDER BY 1, 2") for t in tables}
+    assert rows[True] == rows[False]
+    assert len(rows[True]["predictions"]) == sum(len(e.predictions) for e in entries)
+
+
+async def test_errors_keep_their_kind(tmp_path: Path) -> None:
+    store = ProcessAuditStore(sqlite_url(tmp_path))
+    await store.open()
+    try:
+        bad = make_entry(1, decision="MAYBE")  # breaks the CHECK constraint: about the data, not the database
+        with pytest.raises(AuditStoreError) as refused:
+            await store.write([bad])
+        assert refused.value.permanent
+        await store.write([make_entry(2)])
+        assert await store.has_prediction("req-2")
+        assert not await store.has_prediction("req-1")
+    finally:
+        await store.close()
+
+
+async def test_a_killed_child_is_replaced_and_the_writer_loses_nothing(tmp_path: Path) -> None:
+    url = sqlite_url(tmp_path)
+    settings = AuditSettings(url=url, spool_dir=tmp_path / "spool", batch_size=20, flush_seconds=0.02,
+                             retry_seconds=0.1, timeout_seconds=2.0)
+    writer = AuditWriter(settings)
+    assert isinstance(writer.store, ProcessAuditStore)
+    await writer.start()
+    try:
+        for i in range(50):
+            await writer.record(make_entry(i, predictions=5))
+        await writer.flush()
+        first = writer.store.pid
+        assert first is not None
+        os.kill(first, signal.SIGKILL)
+        for i in range(50, 150):  # some batches meet the dead child: spooled, then replayed
+            await writer.record(make_entry(i, predictions=5))
+            if i % 10 == 0:
+                await asyncio.sleep(0.01)
+        await writer.flush()
+        await eventually(lambda: _settled(writer))
+    finally:
+        await writer.close()
+    assert writer.store.pid != first
+    assert await fetch(url, "SELECT count(*), count(DISTINCT request_id) FROM api_usage") == [(150, 150)]
+    assert await fetch(url, "SELECT count(*), count(DISTINCT request_id) FROM predictions") == [(750, 750)]
+
+
+async def _settled(writer: AuditWriter) -> bool:
+    return not writer.spooling and writer.queue_depth == 0
+
+
+async def test_a_hung_child_times_out_and_is_replaced(tmp_path: Path) -> None:
+    store = ProcessAuditStore(sqlite_url(tmp_path), call_timeout=1.0)
+    await store.open()
+    try:
+        hung = store.pid
+        assert hung is not None
+        os.kill(hung, signal.SIGSTOP)
+        try:
+            started = time.monotonic()
+            with pytest.raises(AuditStoreError, match="did not answer"):
+                await store.write([make_entry(1)])
+            assert time.monotonic() - started < 5
+        finally:
+            if alive(hung):
+                os.kill(hung, signal.SIGCONT)
+        await store.write([make_entry(2)])  # a new child
+        assert store.pid != hung
+        assert await store.has_prediction("req-2")
+        await eventually(lambda: _gone(hung), within=10)
+    finally:
+        await store.close()
+
+
+async def _gone(pid: int) -> bool:
+    return not alive(pid)
+
+
+async def test_the_url_stays_off_the_command_line_and_the_child_exits_on_close(postgres_dsn: str) -> None:
+    from urllib.parse import urlparse
+
+    parts = urlparse(postgres_dsn)
+    host = parts.netloc.rsplit("@", 1)[-1]
+    url = parts._replace(netloc=f"credscope_no_such_role:s3cr3t-pw@{host}").geturl()
+    store = ProcessAuditStore(url, timeout=1.0)
+    with pytest.raises(AuditStoreError):  # a user that does not exist: refused, and said so
+        await store.open()
+    pid = store.pid
+    assert pid is not None
+    cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")  # noqa: ASYNC240
+    assert "s3cr3t" not in cmdline and "postgresql" not in cmdline
+    await store.close()
+    await eventually(lambda: _gone(pid), within=10)
+
+
+def test_the_child_stops_when_its_worker_dies(tmp_path: Path) -> None:
+    """A worker killed outright: the child sees its stdin close and exits instead of living on."""
+    script = textwrap.dedent(f"""
+        import asyncio, sys, time
+        from server.audit.process import ProcessAuditStore
+
+        async def main():
+            store = ProcessAuditStore({sqlite_url(tmp_path)!r})
+            await store.open()
+            print(store.pid, flush=True)
+            await asyncio.sleep(60)
+
+        asyncio.run(main())
+    """)
+    parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True, cwd=ROOT,
+                              env={**os.environ, "PYTHONPATH": str(ROOT)})
+    try:
+        assert parent.stdout is not None
+        child = int(parent.stdout.readline())
+        assert alive(child)
+        parent.kill()
+        parent.wait(10)
+        deadline = time.monotonic() + 10
+        while alive(child) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not alive(child)
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+
+
+def test_child_help() -> None:
+    out = subprocess.run([sys.executable, "-m", "server.audit.process", "--help"], capture_output=True, text=True,
+                         cwd=ROOT, timeout=60, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert out.returncode == 0 and "child process" in out.stdout
+
