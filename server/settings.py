@@ -147,6 +147,8 @@ class AuditSettings(BaseModel):
     store_process: bool = Field(True, description="Run each worker's audit store (shaping and inserting the rows, "
                                 "SQLite or PostgreSQL) in a child process of the worker, off the worker's GIL; "
                                 "false: in a thread of the worker.")
+    store_process_nice: int = Field(10, ge=0, le=19, description="The audit store process's niceness (CPU "
+                                    "priority below the serving workers'; 0 = the same).")
     timeout_seconds: float = Field(5.0, gt=0, description="Longest wait for the database (connect, one write, "
                                    "SQLite's lock) before a batch goes to the spool.")
     retry_seconds: float = Field(1.0, gt=0, description="While the database is down, how often the writer tries "

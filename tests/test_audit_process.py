@@ -198,3 +198,15 @@ def test_child_help() -> None:
                          cwd=ROOT, timeout=60, env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert out.returncode == 0 and "child process" in out.stdout
 
+
+
+async def test_the_child_runs_at_the_niceness_asked(tmp_path: Path) -> None:
+    """Below the serving workers' CPU priority by default (``audit.store_process_nice``)."""
+    assert AuditSettings().store_process_nice == 10
+    store = ProcessAuditStore(sqlite_url(tmp_path), nice=7)
+    await store.open()
+    try:
+        assert store.pid is not None
+        assert os.getpriority(os.PRIO_PROCESS, store.pid) == os.getpriority(os.PRIO_PROCESS, 0) + 7
+    finally:
+        await store.close()

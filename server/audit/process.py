@@ -18,7 +18,9 @@ writer spools those batches and replays them, so nothing is lost — and the nex
 
 The child (``python -m server.audit.process``) reads length-prefixed pickled frames on its stdin and
 answers on a private copy of its stdout (its stdout itself goes to stderr, the worker's log); the first
-frame carries the URL (never the command line, which ``ps`` shows). It exits when the worker closes the
+frame carries the URL (never the command line, which ``ps`` shows) and the child's CPU priority (``nice``,
+``audit.store_process_nice``): on a busy host the serving processes come first and the writes fill the
+gaps; if they cannot keep up, the writer's bounded queue makes calls wait (backpressure), as before. It exits when the worker closes the
 store or when its stdin reaches end of file (the worker died). Pickle is safe here: both ends are this
 worker and the child it started, over pipes nobody else holds.
 """
@@ -89,8 +91,10 @@ async def _read_frame(reader: asyncio.StreamReader) -> Any:
 class ProcessAuditStore:
     """An :class:`~server.audit.store.AuditStore` whose database work runs in a child process."""
 
-    def __init__(self, url: str, *, timeout: float = 5.0, pool_size: int = 4, call_timeout: float | None = None) -> None:
+    def __init__(self, url: str, *, timeout: float = 5.0, pool_size: int = 4, call_timeout: float | None = None,
+                 nice: int = 0) -> None:
         self.url = url
+        self.nice = nice
         self.timeout = timeout
         self.pool_size = pool_size
         self.call_timeout = 4 * timeout + 10 if call_timeout is None else call_timeout
@@ -122,7 +126,7 @@ class ProcessAuditStore:
             self.children_started += 1
             self._reader = asyncio.create_task(self._read(proc), name="audit-store-reader")
             level = logging.getLogger().getEffectiveLevel()
-            self._send(proc, (0, "init", (self.url, self.timeout, self.pool_size, level), {}))
+            self._send(proc, (0, "init", (self.url, self.timeout, self.pool_size, level, self.nice), {}))
             return proc
 
     def _send(self, proc: asyncio.subprocess.Process, message: tuple[Any, ...]) -> None:
@@ -303,7 +307,9 @@ async def _serve(reader: asyncio.StreamReader, out: Any) -> int:
             break
         call_id, method, args, _ = msg
         if method == "init":
-            url, timeout, pool_size, level = args
+            url, timeout, pool_size, level, nice = args
+            if nice > 0:
+                os.nice(nice)  # the serving processes come first; the queue's bound holds the writes' backlog
             logging.basicConfig(level=level, stream=sys.stderr,
                                 format="%(asctime)s %(levelname)s %(name)s [audit store] %(message)s")
             store = open_store(url, timeout=timeout, pool_size=pool_size, process=False)

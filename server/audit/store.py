@@ -142,13 +142,14 @@ class AuditStore(Protocol):
         """Release connections."""
 
 
-def open_store(url: str, *, timeout: float = 5.0, pool_size: int = 4, process: bool = False) -> AuditStore:
+def open_store(url: str, *, timeout: float = 5.0, pool_size: int = 4, process: bool = False,
+               nice: int = 0) -> AuditStore:
     """The store for a URL (not yet opened); ``process``: run it in a child process
-    (:class:`server.audit.process.ProcessAuditStore`)."""
+    (:class:`server.audit.process.ProcessAuditStore`, at CPU priority ``nice``)."""
     if process:
         from server.audit.process import ProcessAuditStore
 
-        return ProcessAuditStore(url, timeout=timeout, pool_size=pool_size)
+        return ProcessAuditStore(url, timeout=timeout, pool_size=pool_size, nice=nice)
     if dialect(url) == "sqlite":
         from server.audit.sqlite import SqliteAuditStore
 

@@ -71,7 +71,8 @@ class AuditWriter:
     def __init__(self, settings: AuditSettings, store: AuditStore | None = None) -> None:
         self.settings = settings
         self.store = store or open_store(settings.url, timeout=settings.timeout_seconds,
-                                         pool_size=settings.pool_size, process=settings.store_process)
+                                         pool_size=settings.pool_size, process=settings.store_process,
+                                         nice=settings.store_process_nice)
         self.spool = Spool(settings.spool_dir)
         self.sync = settings.durability == "sync"
         self.batch_size = settings.batch_size
