@@ -296,11 +296,21 @@ async def test_writes_behind_are_coalesced_and_bounded(model, redis_proc) -> Non
     await caches.drain(limit=5)
     stats = r.info("commandstats")
     assert stats["cmdstat_evalsha"]["calls"] == 1 and stats["cmdstat_set"]["calls"] == 20
+    # So do writes put within the gathering window after the first (calls a few milliseconds apart).
+    assert writer.gather_seconds > 0
+    writer.gather_seconds = 0.5  # (a wide window: the test must not depend on the host's timing)
+    r.config_resetstat()
+    for i in range(5):
+        writer.put([(f"gathered:{i}", b"v")])
+        await asyncio.sleep(0.01)
+    await caches.drain(limit=5)
+    stats = r.info("commandstats")
+    assert stats["cmdstat_evalsha"]["calls"] == 1 and stats["cmdstat_set"]["calls"] == 5
     writer.max_pending = 3
     rp.pause()  # nothing is written while Redis does not answer: the buffer fills up
     try:
         writer.put([("a", b"1")])
-        await asyncio.sleep(0)  # the flush takes "a" and waits for Redis
+        await asyncio.sleep(writer.gather_seconds * 4)  # the flush takes "a" and waits for Redis
         writer.put([(k, b"x") for k in "bcdef"])
         assert writer.pending == 3 and caches.stats()["predictions"]["dropped_writes"] == 2
     finally:
