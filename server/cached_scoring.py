@@ -9,7 +9,8 @@ or ``<key_prefix>expl:<version>:<digest>`` (explanations). The model version is 
 stored value, so a new model version never serves an old version's result.
 
 Values are compact and never pickled (a network store must not be able to run code here): a prediction is
-a 19-byte struct plus the model version; an explanation is JSON (or bytes, as its caller chooses).
+a 19-byte struct plus the model version; an explanation is the bytes of ``Explanation.to_bytes``; reason
+codes are JSON (any value: JSON or bytes, as its caller chooses).
 
 The scoring step (:func:`score_rows`): one lookup (GET, or one MGET for a batch) for all rows; the misses
 are scored in one ONNX call; their results are written back in one round trip (one command: a script of
@@ -362,12 +363,12 @@ async def explain_rows(scorer: Scorer, matrix: np.ndarray, caches: Caches | None
     """Explanations of an encoded matrix through the explanation cache.
 
     ``compute(scorer, rows)`` is awaited for the misses only (one call) and returns
-    :class:`server.explain.Explanation` objects; they are cached whole (all contributions, as
-    ``to_dict()``), so any top-k is served from one entry.
+    :class:`server.explain.Explanation` objects; they are cached whole (all contributions, in their binary
+    form, ``to_bytes()``), so any top-k is served from one entry.
     """
     from server.explain import Explanation
 
-    return await _through_cache(scorer, matrix, caches, compute, "", Explanation.from_dict, lambda e: e.to_dict())
+    return await _through_cache(scorer, matrix, caches, compute, "", Explanation.from_cached, Explanation.to_bytes)
 
 
 #: Reason codes live in the explanation cache's namespace, under keys of their own.

@@ -181,6 +181,24 @@ def test_ranking_values_and_directions(explainer: Explainer, scored: tuple[np.nd
         assert top.contributions == e.contributions[:10] and top.base_value == e.base_value
         assert top.ranked == [(c.feature, c.value, c.shap_value) for c in e.contributions[:10]]
         assert Explanation.from_dict(json.loads(json.dumps(e.to_dict()))) == e
+        assert Explanation.from_bytes(e.to_bytes()) == e == Explanation.from_cached(e.to_bytes())
+        assert Explanation.from_cached(e.to_dict()) == e
+
+
+def test_binary_form_is_exact_and_refuses_what_it_did_not_write() -> None:
+    """Every float survives (infinities stay infinities, a missing value stays missing), names with any
+    character but US (0x1F) too; anything else is a ValueError (the cache then computes the value again)."""
+    from server.explain import Contribution
+
+    e = Explanation(-2.5, (Contribution("PAYMENT_RATE", math.inf, 0.75), Contribution("AGE_YEARS", None, -0.0),
+                           Contribution("CREDIT_TO_INCOME", -math.inf, 5e-324), Contribution("x é", 1e308, -1.5)))
+    back = Explanation.from_bytes(e.to_bytes())
+    assert back == e and math.copysign(1, back.contributions[1].shap_value) == -1
+    assert Explanation.from_bytes(Explanation(0.5, ()).to_bytes()) == Explanation(0.5, ())
+    data = e.to_bytes()
+    for bad in (b"", b"E1", data[:-3] + b"\xff\xfe\xfd", data[:20], b"J1" + data[2:], b'{"base_value": 1}'):
+        with pytest.raises(ValueError):
+            Explanation.from_bytes(bad)
 
 
 def test_engineered_features_keep_their_names(explainer: Explainer, scored: tuple[np.ndarray, np.ndarray]) -> None:
