@@ -183,7 +183,7 @@ class Explanation:
     def from_cached(cls, data: Any) -> Explanation:
         """An explanation from the cache: binary (:meth:`to_bytes`), or a dict (:meth:`to_dict`, what
         entries written before the binary form hold)."""
-        return cls.from_bytes(data) if isinstance(data, bytes | bytearray) else cls.from_dict(data)
+        return cls.from_bytes(bytes(data)) if isinstance(data, bytes | bytearray) else cls.from_dict(data)
 
 
 _BYTES_MAGIC = b"E1"
