@@ -989,7 +989,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--model-version", help="version to serve (default: the ACTIVE one)")
     p.add_argument("--workers", type=int, default=cores, help="server worker processes (default: cores, %(default)s)")
     p.add_argument("--processes", type=int, default=max(1, cores), help="load generator processes (default %(default)s)")
-    p.add_argument("--channels", type=int, default=2, help="channels (TCP connections) per load process (default 2)")
+    p.add_argument("--channels", type=int, default=4,
+                   help="channels (TCP connections) per load process; calls go round them (default 4)")
     p.add_argument("--concurrency", type=_levels, default=[1, 4, 16, 64],
                    help="calls in flight for the Score scenarios, comma-separated (default 1,4,16,64)")
     p.add_argument("--batch-concurrency", type=_levels, default=[1, 4],
