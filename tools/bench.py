@@ -187,8 +187,13 @@ def _probe(target: str, metadata: tuple[tuple[str, str], ...], score: bytes, exp
         found["score"] = err or "ok"
         if err:
             return found
-        second, err = try_call(call, score)
-        hit = second is not None and scoring_pb2.ScoreResponse.FromString(second).from_cache
+        hit = False
+        for _ in range(10):  # a networked cache is written behind the answer (within a few milliseconds)
+            time.sleep(0.02)
+            second, err = try_call(call, score)
+            hit = second is not None and scoring_pb2.ScoreResponse.FromString(second).from_cache
+            if hit or err:
+                break
         found["cache"] = "ok" if hit else "feature not available (a repeated Score is not from_cache)"
         resp, err = try_call(call, explain)
         if err:
