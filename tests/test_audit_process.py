@@ -87,7 +87,8 @@ async def test_errors_keep_their_kind(tmp_path: Path) -> None:
         await store.close()
 
 
-async def test_a_killed_child_is_replaced_and_the_writer_loses_nothing(tmp_path: Path) -> None:
+async def test_a_killed_child_is_replaced_and_the_writer_loses_nothing(tmp_path: Path,
+                                                                      caplog: pytest.LogCaptureFixture) -> None:
     url = sqlite_url(tmp_path)
     settings = AuditSettings(url=url, spool_dir=tmp_path / "spool", batch_size=20, flush_seconds=0.02,
                              retry_seconds=0.1, timeout_seconds=2.0)
@@ -110,6 +111,7 @@ async def test_a_killed_child_is_replaced_and_the_writer_loses_nothing(tmp_path:
     finally:
         await writer.close()
     assert writer.store.pid != first
+    assert f"audit store process (pid {first}) is gone" in caplog.text  # said, not silent
     assert await fetch(url, "SELECT count(*), count(DISTINCT request_id) FROM api_usage") == [(150, 150)]
     assert await fetch(url, "SELECT count(*), count(DISTINCT request_id) FROM predictions") == [(750, 750)]
 

@@ -106,6 +106,7 @@ class ProcessAuditStore:
         self._ids = itertools.count(1)
         self._starting = asyncio.Lock()
         self._closed = False
+        self._closing = False
 
     # -- the child -------------------------------------------------------------------------------
 
@@ -154,6 +155,8 @@ class ProcessAuditStore:
             with contextlib.suppress(ProcessLookupError):
                 proc.kill()
         finally:
+            if not (self._closed or self._closing) and not self._pending:
+                log.warning("audit store process (pid %d) is gone; a new one starts with the next call", proc.pid)
             self._fail_pending(proc)
 
     def _fail_pending(self, proc: asyncio.subprocess.Process) -> None:
@@ -209,6 +212,7 @@ class ProcessAuditStore:
         if proc is None or self._closed:
             self._closed = True
             return
+        self._closing = True
         try:
             if proc.returncode is None:
                 await self._call("close")
@@ -216,6 +220,7 @@ class ProcessAuditStore:
             log.warning("audit store process did not close cleanly: %s", e)
         finally:
             self._closed = True
+            self._closing = False
             if proc.stdin is not None:
                 proc.stdin.close()
             try:
