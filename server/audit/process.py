@@ -170,7 +170,8 @@ class ProcessAuditStore:
                 future.set_exception(AuditStoreError(f"the audit store process {why}"))
                 future.exception()  # retrieved: the caller may have given up already
         if not self._closed:
-            log.warning("audit store process %s; the calls in flight failed (the writer spools and retries)", why)
+            log.warning("audit store process (pid %d) %s; the calls in flight failed (the writer spools and "
+                        "retries)", proc.pid, why)
 
     async def _reap(self, proc: asyncio.subprocess.Process) -> None:
         if proc.returncode is None:
