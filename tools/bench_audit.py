@@ -92,12 +92,12 @@ class Server:
             raise RuntimeError("server did not start:\n" + "".join(self.output))
 
     def cpu_seconds(self) -> float:
-        """CPU time (user + system) the server process has used so far (Linux /proc)."""
-        try:
-            fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            return float("nan")
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        """CPU time (user + system) used so far by the server: its process and the live ones it started (the
+        workers and their audit store processes; Linux /proc). The parent alone did no gRPC work since the
+        server runs one worker per core, and this read 0."""
+        from tools.bench import tree_cpu
+
+        return tree_cpu(self.proc.pid)
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -243,7 +243,8 @@ def main(argv: list[str] | None = None) -> int:
     cpu_on = statistics.median(r.cpu_us_per_call for r in results if r.config == "on")
     print(f"median: off {off:.0f} calls/s, on {on:.0f} calls/s: audit costs {100 * (1 - on / off):.1f}% "
           f"of throughput; server CPU per call off {cpu_off:.0f} µs, on {cpu_on:.0f} µs "
-          f"(+{100 * (cpu_on / cpu_off - 1):.1f}%); {missing} answered call(s) without an audit row")
+          f"({100 * (cpu_on / cpu_off - 1) if cpu_off else float('nan'):+.1f}%); {missing} answered call(s) without "
+          "an audit row")
     if args.plot:
         plot(results, args.plot)
         print(f"plot: {args.plot}")
