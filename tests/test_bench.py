@@ -4,6 +4,7 @@ pools, its key parsing, and one short end-to-end run (bounded: a few hundred cal
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -124,3 +125,16 @@ def test_in_process_handler_bench_runs(model_dir: Path) -> None:
                          cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "without: audit, reasons" in out.stdout and "µs of CPU per Score" in out.stdout
+
+
+def test_audit_cost_bench_counts_the_server_cpu_and_every_row(model_dir: Path, tmp_path: Path) -> None:
+    """credscope-bench-audit over a short run: CPU per call is read from the server's workers (it read the
+    idle parent, 0 µs, and divided by zero), and every answered call has its audit row."""
+    out = subprocess.run([sys.executable, "-m", "tools.bench_audit", "--model-dir", str(model_dir), "--seconds", "0.5",
+                          "--warmup", "0.2", "--rounds", "1", "--concurrency", "4", "--plot", str(tmp_path / "a.png")],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr
+    cpu = [int(m) for m in re.findall(r"server CPU\s+(\d+) µs/call", out.stdout)]
+    assert len(cpu) == 2 and min(cpu) > 0, out.stdout
+    assert " 0 answered call(s) without an audit row" in out.stdout
+    assert (tmp_path / "a.png").stat().st_size > 0
