@@ -138,3 +138,28 @@ def test_audit_cost_bench_counts_the_server_cpu_and_every_row(model_dir: Path, t
     assert len(cpu) == 2 and min(cpu) > 0, out.stdout
     assert " 0 answered call(s) without an audit row" in out.stdout
     assert (tmp_path / "a.png").stat().st_size > 0
+
+
+def test_profile_harness_runs_and_reads_py_spy_records(model_dir: Path, tmp_path: Path) -> None:
+    """`python -m tools.bench_profile` (the README's A/B and where-the-time-goes runs): --help, a short
+    bounded round with the server's CPU per call, and the summary of a py-spy raw record."""
+    from tools.bench_profile import summarize
+
+    out = subprocess.run([sys.executable, "-m", "tools.bench_profile", "--help"], cwd=ROOT, capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 0 and "--py-spy" in out.stdout
+    out = subprocess.run([sys.executable, "-m", "tools.bench_profile", "--model-dir", str(model_dir), "--rounds", "1",
+                          "--seconds", "0.5", "--warmup", "0.2", "--concurrency", "2", "--requests", "400",
+                          "--env", "CREDSCOPE_CACHE__ENABLED=false"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr
+    cpu = re.findall(r"round 1: +\d+ calls/s .* server CPU +(\d+) µs/call", out.stdout)
+    assert cpu and int(cpu[0]) > 0, out.stdout
+    bad = subprocess.run([sys.executable, "-m", "tools.bench_profile", "--env", "AUDIT=off"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "CREDSCOPE_<SETTING>=<value>" in bad.stderr
+    raw = tmp_path / "raw.txt"
+    raw.write_text("thread (1): MainThread;main (a.py:1);serve (a.py:5);score (b.py:3) 30\n"
+                   "thread (1): MainThread;main (a.py:1);serve (a.py:6) 10\n"
+                   "thread (2): Thread-1;poll (c.py:2) 99\n")
+    assert summarize(raw) == [(75.0, "score (b.py)")]  # main and serve are on every sample: left out

@@ -1,0 +1,199 @@
+"""``python -m tools.bench_profile``: where a server's time goes, under the bench's load.
+
+Starts ``credscope-server`` (embedded backends, an enterprise API key, rate limits raised so nothing is
+throttled; ``--env`` adds or overrides settings, e.g. ``CREDSCOPE_AUDIT__ENABLED=false`` or a Redis URL) —
+or, with ``--echo``, the bench's empty grpc.aio echo server — drives it with the bench's load generator
+(:mod:`tools.bench_load`, loopback, bounded by time and count) for ``--rounds`` rounds, and prints per
+round: calls/s, p50/p90/p99 latency, the server's CPU time per call (its processes, the audit store's
+included) and its context switches per call by thread name. ``--py-spy OUT`` records the last round's
+worker with py-spy (``pip install py-spy``; raw collapsed stacks, sampled at 200 Hz) and prints the
+functions that hold the most samples of the serving thread. This is how the README's "where the time
+goes" figures are made (and how A/B runs compare two settings: run it once per setting, alternating).
+
+Example::
+
+    python -m tools.bench_profile --workers 1 --concurrency 4 --rounds 3
+    python -m tools.bench_profile --scenario batch-1000 --concurrency 1 --py-spy reports/profile.txt
+    python -m tools.bench_profile --env CREDSCOPE_AUDIT__ENABLED=false
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import re
+import shutil
+import subprocess  # nosec B404 - starts our own server, credscope-keys and py-spy, no shell
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from tools import bench
+from tools.bench_load import LoadSpec, run_load
+from tools.bench_peers import ECHO_METHOD
+
+SCENARIOS = ("score-miss", "score-hit", "score-explain", "batch-100", "batch-1000")
+
+
+def context_switches(pid: int) -> dict[str, int]:
+    """Voluntary + involuntary context switches so far, summed by thread name, over ``pid`` and its children."""
+    out: dict[str, int] = collections.Counter()
+    todo = [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            for task in Path(f"/proc/{p}/task").iterdir():
+                name = (task / "comm").read_text().strip()
+                status = (task / "status").read_text()
+                out[name] += sum(int(line.split()[1]) for line in status.splitlines() if "ctxt_switches" in line)
+                todo += [int(c) for c in (task / "children").read_text().split()]
+        except (OSError, ValueError):
+            continue
+    return dict(out)
+
+
+def summarize(raw: Path, top: int = 25, thread: str = "MainThread") -> list[tuple[float, str]]:
+    """From py-spy's raw output: the share of ``thread``'s samples each function (file and name, any line)
+    is on the stack of, largest first (those on every sample left out)."""
+    inclusive: collections.Counter[str] = collections.Counter()
+    total = 0
+    for line in raw.read_text(errors="replace").splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        frames = stack.split(";")
+        if thread not in frames[0]:
+            continue
+        n = int(count)
+        total += n
+        for name in {re.sub(r":\d+\)$", ")", f) for f in frames[1:]}:
+            inclusive[name] += n
+    if not total:
+        return []
+    # frames on every sample (the interpreter's and the event loop's entry points) say nothing: left out
+    return [(100.0 * n / total, name) for name, n in inclusive.most_common() if n < total][:top]
+
+
+def payloads(apps: bench.Applicants, scenario: str, n: int) -> tuple[str, list[bytes], list[bytes], bool]:
+    """(method, measured payloads, warm-up payloads, unique) of a scenario."""
+    if scenario == "score-hit":
+        fixed = bench.score_requests(apps.base[:64])
+        return bench.SCORE, fixed, fixed, False
+    if scenario.startswith("batch"):
+        size = int(scenario.split("-")[1])
+        return (bench.BATCH, bench.batch_requests(apps.take(size * max(1, n // size)), size),
+                bench.batch_requests(apps.take(size * 3), size), True)
+    explain = scenario == "score-explain"
+    return bench.SCORE, bench.score_requests(apps.take(n), explain), bench.score_requests(apps.take(500), explain), True
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m tools.bench_profile", description=__doc__.split("\n\n")[1],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="Every run is bounded in time and count; the server is stopped at the end.")
+    p.add_argument("--model-dir", type=Path, default=Path("models"), help="model store (default models)")
+    p.add_argument("--workers", type=int, default=1, help="server worker processes (default 1)")
+    p.add_argument("--concurrency", type=int, default=4, help="calls in flight (default 4)")
+    p.add_argument("--scenario", choices=SCENARIOS, default="score-miss", help="what is sent (default score-miss)")
+    p.add_argument("--seconds", type=float, default=3.0, help="measured seconds per round (default 3)")
+    p.add_argument("--warmup", type=float, default=0.5, help="warm-up seconds per round (default 0.5)")
+    p.add_argument("--rounds", type=int, default=3, help="rounds (default 3)")
+    p.add_argument("--requests", type=int, default=20_000, help="most calls per round (default 20000)")
+    p.add_argument("--channels", type=int, default=4, help="channels per load process (default 4)")
+    p.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
+                   help="a setting for the server (repeatable), e.g. CREDSCOPE_CACHE__ENABLED=false")
+    p.add_argument("--echo", action="store_true", help="profile the bench's empty echo server instead")
+    p.add_argument("--py-spy", type=Path, metavar="OUT", help="record the last round with py-spy into OUT (raw)")
+    p.add_argument("--top", type=int, default=25, help="functions listed from the py-spy record (default 25)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = parser().parse_args(argv)
+    if a.concurrency < 1 or a.rounds < 1 or a.seconds <= 0:
+        parser().error("--concurrency and --rounds must be >= 1 and --seconds > 0")
+    settings: dict[str, str] = {}
+    for kv in a.env:
+        key, sep, value = kv.partition("=")
+        if not sep or not key.startswith("CREDSCOPE_"):
+            parser().error(f"--env takes CREDSCOPE_<SETTING>=<value>, got {kv!r}")
+        settings[key] = value
+    spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+    if a.py_spy and not Path(spy).exists():
+        parser().error("--py-spy needs py-spy (pip install py-spy)")
+    folder = Path(tempfile.mkdtemp(prefix="credscope-profile-"))
+    env = bench.base_env()
+    env.update({
+        "CREDSCOPE_LOG_LEVEL": "WARNING", "CREDSCOPE_SERVER__DRAIN_SECONDS": "0",
+        "CREDSCOPE_AUDIT__URL": f"sqlite:///{folder / 'audit.db'}",
+        "CREDSCOPE_AUTH__KEY_STORE_URL": f"sqlite:///{folder / 'keys.db'}",
+        "CREDSCOPE_AUDIT__SPOOL_DIR": str(folder / "spool"),
+        "CREDSCOPE_RATE_LIMIT__LOCAL_PATH": str(folder / "ratelimit.buckets"),
+        **{f"CREDSCOPE_RATE_LIMIT__{tier}_PER_HOUR": bench.UNLIMITED for tier in ("FREE", "PRO", "ENTERPRISE")},
+        **settings,
+    })
+    metadata: tuple[tuple[str, str], ...] = ()
+    if a.echo:
+        cmd = [sys.executable, "-m", "tools.bench_peers", "echo", "--port", "0", "--workers", str(a.workers)]
+    else:
+        keys = Path(sys.executable).parent / "credscope-keys"
+        made = subprocess.run([str(keys), "create", "--name", "profile", "--tier", "enterprise"], env=env,  # noqa: S603  # nosec B603 - our own tool
+                              cwd=folder, capture_output=True, text=True, timeout=60, check=False)
+        key = bench.parse_key(made.stdout)
+        if made.returncode != 0 or not key:
+            print(f"credscope-keys create failed: {made.stderr.strip()[-400:]}", file=sys.stderr)
+            return 1
+        metadata = (("x-api-key", key),)
+        cmd = [sys.executable, "-m", "server.main", "--host", "127.0.0.1", "--port", "0", "--model-dir",
+               str(a.model_dir.resolve()), "--workers", str(a.workers)]
+    print(f"{'echo server' if a.echo else 'credscope-server'}: {a.workers} worker(s), {a.scenario}, "
+          f"{a.concurrency} in flight, {a.rounds} x {a.seconds:g} s (work folder {folder})", flush=True)
+    server = bench.start_process(cmd, env, folder, folder / "server.log")
+    apps = bench.Applicants()
+    try:
+        for r in range(a.rounds):
+            method, measured, warm, unique = payloads(apps, a.scenario, a.requests)
+            spec = LoadSpec(target=server.target, method=ECHO_METHOD if a.echo else method, payloads=measured,
+                            warmup_payloads=warm, unique=unique, concurrency=a.concurrency,
+                            processes=min(2, a.concurrency), channels_per_process=a.channels, duration=a.seconds,
+                            warmup=a.warmup, max_requests=a.requests, metadata=metadata)
+            state: dict[str, Any] = {}
+            record = a.py_spy is not None and r == a.rounds - 1
+
+            def started(state: dict[str, Any] = state, record: bool = record) -> None:
+                state["cpu"] = bench.tree_cpu(server.proc.pid)
+                state["switches"] = context_switches(server.proc.pid)
+                if record:
+                    state["spy"] = subprocess.Popen(  # noqa: S603  # nosec B603 - py-spy on our own server
+                        [spy, "record", "-p", str(server.proc.pid), "-r", "200", "-d", str(max(1, int(a.seconds))),
+                         "--format", "raw", "-o", str(a.py_spy), "--threads", *(["-s"] if a.workers > 1 else [])],
+                        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+            res = run_load(spec, started)
+            calls = max(1, res.requests)
+            cpu = (bench.tree_cpu(server.proc.pid) - state["cpu"]) / calls * 1e6
+            now = context_switches(server.proc.pid)
+            per_thread = {k: (v - state["switches"].get(k, 0)) / calls for k, v in now.items()}
+            busiest = ", ".join(f"{k} {v:.1f}" for k, v in sorted(per_thread.items(), key=lambda kv: -kv[1])[:3])
+            errors = f"  {res.errors} errors: {res.first_error}" if res.errors else ""
+            print(f"round {r + 1}: {res.rps:7.0f} calls/s  p50 {res.p50:6.2f}  p90 {res.p90:6.2f}  p99 {res.p99:6.2f} ms"
+                  f"  server CPU {cpu:5.0f} µs/call  context switches/call: {busiest}{errors}", flush=True)
+            if "spy" in state:
+                _, err = state["spy"].communicate(timeout=a.seconds + 60)
+                if state["spy"].returncode != 0 or not a.py_spy.exists():
+                    print(f"py-spy failed: {err.strip()[-400:]}", file=sys.stderr)
+                else:
+                    print(f"py-spy samples of the serving thread (inclusive), from {a.py_spy}:")
+                    for share, name in summarize(a.py_spy, a.top):
+                        print(f"  {share:5.1f}%  {name}")
+    finally:
+        status = server.stop()
+    if status not in (0, None):
+        print(f"server exited with status {status}:\n{server.tail()}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
