@@ -218,9 +218,10 @@ class ValueCache(Generic[V]):
 
 
 class WriteBehind:
-    """Writes behind the caller, coalesced: what is put within ``gather_seconds`` of the first entry, or while a
-    write is in flight, goes out in one write, so concurrent calls share round trips. At most ``max_pending`` entries wait; more are dropped
-    (counted in ``dropped_writes``), never queued without bound."""
+    """Writes behind the caller, coalesced: what is put within ``gather_seconds`` of the first entry, or
+    while a write is in flight, goes out in one write, so concurrent calls share round trips. At most
+    ``max_pending`` entries wait; more are dropped (counted in ``dropped_writes``), never queued without
+    bound."""
 
     def __init__(self, backend: CacheBackend, max_pending: int = MAX_PENDING_WRITES,
                  gather_seconds: float = WRITE_GATHER_SECONDS) -> None:

@@ -107,7 +107,7 @@ async def _drive(spec: LoadSpec, index: int, barrier: Any, started: Any) -> dict
     lat = array("d")
     state = {"next": 0}
 
-    async def worker(slot: int, payloads: list[bytes], until: float, limit: int, record: bool) -> None:
+    async def worker(payloads: list[bytes], until: float, limit: int, record: bool) -> None:
         n = len(payloads)
         k = len(calls)
         while True:
@@ -132,13 +132,13 @@ async def _drive(spec: LoadSpec, index: int, barrier: Any, started: Any) -> dict
         if spec.warmup > 0 and warm:
             state["next"] = 0
             end = time.perf_counter() + spec.warmup
-            await asyncio.gather(*(worker(s, warm, end, 1 << 62, False) for s in range(conc)))
+            await asyncio.gather(*(worker(warm, end, 1 << 62, False) for _ in range(conc)))
         await asyncio.to_thread(barrier.wait, 60)
         if index == 0:
             started.put((index, {"started": True}))
         state["next"] = 0
         start = time.perf_counter()
-        await asyncio.gather(*(worker(s, mine, start + spec.duration, quota, True) for s in range(conc)))
+        await asyncio.gather(*(worker(mine, start + spec.duration, quota, True) for _ in range(conc)))
         stop = time.perf_counter()
     finally:
         await asyncio.gather(*(ch.close() for ch in channels))

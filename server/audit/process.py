@@ -5,7 +5,7 @@ they still hold the worker's GIL for that work (to_rows, binding hundreds of par
 asyncpg's COPY encoding on the event loop) and the serving thread waits for it: a BatchScore of 1,000
 applicants writes 1,000 rows, ~15 ms of CPU, and the next calls waited for the GIL meanwhile. In a child
 process that work runs on its own interpreter (another core when there is one); the worker only packs
-the entries into plain tuples and pickles them (~1.5 µs a row).
+the entries into plain tuples and pickles them (~3 µs a row).
 
 :class:`ProcessAuditStore` is the parent's side: it implements :class:`~server.audit.store.AuditStore` by
 forwarding every call (write, ping, the statistics, outcomes, replay lookups, challenger rows) to the
@@ -20,8 +20,8 @@ The child (``python -m server.audit.process``) reads length-prefixed pickled fra
 answers on a private copy of its stdout (its stdout itself goes to stderr, the worker's log); the first
 frame carries the URL (never the command line, which ``ps`` shows) and the child's CPU priority (``nice``,
 ``audit.store_process_nice``): on a busy host the serving processes come first and the writes fill the
-gaps; if they cannot keep up, the writer's bounded queue makes calls wait (backpressure), as before. It exits when the worker closes the
-store or when its stdin reaches end of file (the worker died). Pickle is safe here: both ends are this
+gaps; if they cannot keep up, the writer's bounded queue makes calls wait (backpressure), as before. It
+exits when the worker closes the store or when its stdin reaches end of file (the worker died). Pickle is safe here: both ends are this
 worker and the child it started, over pipes nobody else holds.
 """
 
@@ -127,7 +127,7 @@ class ProcessAuditStore:
             self.children_started += 1
             self._reader = asyncio.create_task(self._read(proc), name="audit-store-reader")
             level = logging.getLogger().getEffectiveLevel()
-            self._send(proc, (0, "init", (self.url, self.timeout, self.pool_size, level, self.nice), {}))
+            self._send(proc, (0, "init", (self.url, self.timeout, self.pool_size, level, self.nice)))
             return proc
 
     def _send(self, proc: asyncio.subprocess.Process, message: tuple[Any, ...]) -> None:
@@ -188,7 +188,7 @@ class ProcessAuditStore:
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._pending[call_id] = future
         try:
-            self._send(proc, (call_id, method, args, {}))
+            self._send(proc, (call_id, method, args))
             assert proc.stdin is not None
             await asyncio.wait_for(proc.stdin.drain(), self.call_timeout)
             return await asyncio.wait_for(asyncio.shield(future), self.call_timeout)
@@ -311,7 +311,7 @@ async def _serve(reader: asyncio.StreamReader, out: Any) -> int:
         msg = await _read_frame(reader)
         if msg is None:  # the worker is gone (or closed the pipe): stop
             break
-        call_id, method, args, _ = msg
+        call_id, method, args = msg
         if method == "init":
             url, timeout, pool_size, level, nice = args
             if nice > 0:
@@ -320,14 +320,14 @@ async def _serve(reader: asyncio.StreamReader, out: Any) -> int:
                                 format="%(asctime)s %(levelname)s %(name)s [audit store] %(message)s")
             store = open_store(url, timeout=timeout, pool_size=pool_size, process=False)
             continue
-        if method == "close":  # after everything sent before it
+        if method == "close":  # after everything sent before it; then the loop ends
             if tasks:
                 await asyncio.wait(tasks)
+            await run(call_id, method, args)
+            continue
         task = asyncio.create_task(run(call_id, method, args))
         tasks.add(task)
         task.add_done_callback(tasks.discard)
-        if method == "close":
-            await task
     if tasks:
         await asyncio.wait(tasks)
     if store is not None and not closing.is_set():
