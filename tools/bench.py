@@ -51,7 +51,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -275,6 +275,38 @@ def start_process(cmd: list[str], env: dict[str, str], cwd: Path, log: Path, tim
     raise RuntimeError(f"{Path(cmd[0]).name} did not start (status {proc.returncode}):\n{s.tail()}")
 
 
+def embedded_env(folder: Path) -> dict[str, str]:
+    """The environment of a server on embedded backends kept in ``folder`` (SQLite keys and audit trail,
+    spool), quiet, with every tier's hourly limit raised so the rate limiter runs without throttling."""
+    env = base_env()
+    env.update({
+        "CREDSCOPE_LOG_LEVEL": "WARNING",
+        "CREDSCOPE_SERVER__DRAIN_SECONDS": "0",
+        "CREDSCOPE_SERVER__GRACE_SECONDS": "5",
+        "CREDSCOPE_AUDIT__URL": f"sqlite:///{folder / 'audit.db'}",
+        "CREDSCOPE_AUTH__KEY_STORE_URL": f"sqlite:///{folder / 'keys.db'}",
+        "CREDSCOPE_AUDIT__SPOOL_DIR": str(folder / "spool"),
+        "CREDSCOPE_RATE_LIMIT__FREE_PER_HOUR": UNLIMITED,
+        "CREDSCOPE_RATE_LIMIT__PRO_PER_HOUR": UNLIMITED,
+        "CREDSCOPE_RATE_LIMIT__ENTERPRISE_PER_HOUR": UNLIMITED,
+    })
+    return env
+
+
+def create_key(env: dict[str, str], folder: Path, name: str = "bench") -> str:
+    """An enterprise API key made with ``credscope-keys create`` in the key store ``env`` names (RuntimeError
+    when that fails)."""
+    tool = Path(sys.executable).parent / "credscope-keys"
+    out = subprocess.run([str(tool), "create", "--name", name, "--tier", "enterprise"], env=env, cwd=folder,
+                         capture_output=True, text=True, timeout=60)
+    if out.returncode != 0:
+        raise RuntimeError(f"credscope-keys create failed ({out.returncode}): {out.stderr.strip()[-400:]}")
+    key = parse_key(out.stdout)
+    if not key:
+        raise RuntimeError(f"no key in the output of credscope-keys create: {out.stdout[-400:]!r}")
+    return key
+
+
 def base_env() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("CREDSCOPE_")}
     env["PYTHONUNBUFFERED"] = "1"
@@ -316,16 +348,26 @@ async def _pg_count(dsn: str, table: str) -> int | None:
 _TICK = os.sysconf("SC_CLK_TCK")
 
 
-def tree_cpu(pid: int) -> float:
-    """CPU seconds (user + system) used so far by process ``pid`` and its live descendants."""
-    total, todo = 0.0, [pid]
+def process_tree(pid: int) -> Iterator[int]:
+    """Process ``pid`` and its live descendants (Linux /proc; processes gone meanwhile are skipped)."""
+    todo = [pid]
     while todo:
         p = todo.pop()
+        yield p
+        try:
+            for task in Path(f"/proc/{p}/task").iterdir():
+                todo += [int(c) for c in (task / "children").read_text().split()]
+        except (OSError, ValueError):
+            continue
+
+
+def tree_cpu(pid: int) -> float:
+    """CPU seconds (user + system) used so far by process ``pid`` and its live descendants."""
+    total = 0.0
+    for p in process_tree(pid):
         try:
             fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
             total += (int(fields[11]) + int(fields[12])) / _TICK
-            for task in Path(f"/proc/{p}/task").iterdir():
-                todo += [int(c) for c in (task / "children").read_text().split()]
         except (OSError, ValueError, IndexError):
             continue
     return total
@@ -484,18 +526,7 @@ class Bench:
     # ---------------------------------------------------------------- CredScope
     def config_env(self, config: str, folder: Path) -> tuple[dict[str, str] | None, str]:
         a = self.args
-        env = base_env()
-        env.update({
-            "CREDSCOPE_LOG_LEVEL": "WARNING",
-            "CREDSCOPE_SERVER__DRAIN_SECONDS": "0",
-            "CREDSCOPE_SERVER__GRACE_SECONDS": "5",
-            "CREDSCOPE_AUDIT__URL": f"sqlite:///{folder / 'audit.db'}",
-            "CREDSCOPE_AUTH__KEY_STORE_URL": f"sqlite:///{folder / 'keys.db'}",
-            "CREDSCOPE_AUDIT__SPOOL_DIR": str(folder / "spool"),
-            "CREDSCOPE_RATE_LIMIT__FREE_PER_HOUR": UNLIMITED,
-            "CREDSCOPE_RATE_LIMIT__PRO_PER_HOUR": UNLIMITED,
-            "CREDSCOPE_RATE_LIMIT__ENTERPRISE_PER_HOUR": UNLIMITED,
-        })
+        env = embedded_env(folder)
         if config == "audit-off":
             env["CREDSCOPE_AUDIT__ENABLED"] = "false"
         if config == "networked":
@@ -528,14 +559,7 @@ class Bench:
             env["CREDSCOPE_AUTH__ALLOW_ANONYMOUS"] = "true"
             why = "" if a.auth == "anonymous" else " (credscope-keys is not installed)"
             return (), f"anonymous{why}"
-        out = subprocess.run([str(tool), "create", "--name", "bench", "--tier", "enterprise"], env=env, cwd=folder,
-                             capture_output=True, text=True, timeout=60)
-        if out.returncode != 0:
-            raise RuntimeError(f"credscope-keys create failed ({out.returncode}): {out.stderr.strip()[-400:]}")
-        key = parse_key(out.stdout)
-        if not key:
-            raise RuntimeError(f"no key in the output of credscope-keys create: {out.stdout[-400:]!r}")
-        return (("x-api-key", key),), "API key created with credscope-keys (enterprise tier)"
+        return (("x-api-key", create_key(env, folder)),), "API key created with credscope-keys (enterprise tier)"
 
     def run_credscope(self, config: str) -> None:
         a = self.args

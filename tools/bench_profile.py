@@ -39,15 +39,12 @@ SCENARIOS = ("score-miss", "score-hit", "score-explain", "batch-100", "batch-100
 def context_switches(pid: int) -> dict[str, int]:
     """Voluntary + involuntary context switches so far, summed by thread name, over ``pid`` and its children."""
     out: dict[str, int] = collections.Counter()
-    todo = [pid]
-    while todo:
-        p = todo.pop()
+    for p in bench.process_tree(pid):
         try:
             for task in Path(f"/proc/{p}/task").iterdir():
                 name = (task / "comm").read_text().strip()
                 status = (task / "status").read_text()
                 out[name] += sum(int(line.split()[1]) for line in status.splitlines() if "ctxt_switches" in line)
-                todo += [int(c) for c in (task / "children").read_text().split()]
         except (OSError, ValueError):
             continue
     return dict(out)
@@ -123,28 +120,16 @@ def main(argv: list[str] | None = None) -> int:
     if a.py_spy and not Path(spy).exists():
         parser().error("--py-spy needs py-spy (pip install py-spy)")
     folder = Path(tempfile.mkdtemp(prefix="credscope-profile-"))
-    env = bench.base_env()
-    env.update({
-        "CREDSCOPE_LOG_LEVEL": "WARNING", "CREDSCOPE_SERVER__DRAIN_SECONDS": "0",
-        "CREDSCOPE_AUDIT__URL": f"sqlite:///{folder / 'audit.db'}",
-        "CREDSCOPE_AUTH__KEY_STORE_URL": f"sqlite:///{folder / 'keys.db'}",
-        "CREDSCOPE_AUDIT__SPOOL_DIR": str(folder / "spool"),
-        "CREDSCOPE_RATE_LIMIT__LOCAL_PATH": str(folder / "ratelimit.buckets"),
-        **{f"CREDSCOPE_RATE_LIMIT__{tier}_PER_HOUR": bench.UNLIMITED for tier in ("FREE", "PRO", "ENTERPRISE")},
-        **settings,
-    })
+    env = {**bench.embedded_env(folder), **settings}  # (the rate-limit table: in the folder, the server's cwd)
     metadata: tuple[tuple[str, str], ...] = ()
     if a.echo:
         cmd = [sys.executable, "-m", "tools.bench_peers", "echo", "--port", "0", "--workers", str(a.workers)]
     else:
-        keys = Path(sys.executable).parent / "credscope-keys"
-        made = subprocess.run([str(keys), "create", "--name", "profile", "--tier", "enterprise"], env=env,  # noqa: S603  # nosec B603 - our own tool
-                              cwd=folder, capture_output=True, text=True, timeout=60, check=False)
-        key = bench.parse_key(made.stdout)
-        if made.returncode != 0 or not key:
-            print(f"credscope-keys create failed: {made.stderr.strip()[-400:]}", file=sys.stderr)
+        try:
+            metadata = (("x-api-key", bench.create_key(env, folder, name="profile")),)
+        except RuntimeError as e:
+            print(e, file=sys.stderr)
             return 1
-        metadata = (("x-api-key", key),)
         cmd = [sys.executable, "-m", "server.main", "--host", "127.0.0.1", "--port", "0", "--model-dir",
                str(a.model_dir.resolve()), "--workers", str(a.workers)]
     print(f"{'echo server' if a.echo else 'credscope-server'}: {a.workers} worker(s), {a.scenario}, "
