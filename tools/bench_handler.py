@@ -108,6 +108,7 @@ async def run(args: argparse.Namespace) -> list[float]:
     settings.auth.key_store_url = f"sqlite:///{folder / 'keys.db'}"
     settings.auth.allow_anonymous = True
     settings.rate_limit.free_per_hour = 10 ** 9
+    settings.rate_limit.local_path = folder / "ratelimit.buckets"  # (it was left in the working directory)
     _switch_off(settings, set(args.without))
     server = CredScopeServer(settings)
     await server.start()
