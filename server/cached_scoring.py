@@ -37,7 +37,7 @@ from server import metrics, tracing
 from server.backends.cache import CacheBackend, CacheSpec, backend_kind, open_backends
 from server.policy import DECISIONS, RISK_LEVELS
 from server.schema import COLUMNS
-from server.scoring import Scorer, ScoreResult
+from server.scoring import Rows, Scorer, ScoreResult
 from server.settings import CacheSettings
 
 log = logging.getLogger("credscope.cache")
@@ -329,20 +329,29 @@ def open_caches(settings: CacheSettings) -> Caches:
                                 where=where)
 
 
-async def score_rows(scorer: Scorer, matrix: np.ndarray, caches: Caches | None
+def digests_of(rows: Rows) -> list[str]:
+    """The rows' digests, computed on first use and kept on ``rows`` (both caches key on them)."""
+    if rows.digests is None:
+        rows.digests = matrix_digests(rows.matrix)
+    return rows.digests
+
+
+async def score_rows(scorer: Scorer, matrix: np.ndarray | Rows, caches: Caches | None
                      ) -> list[tuple[ScoreResult, bool]]:
     """Score an encoded float32 matrix through the prediction cache: (result, from_cache) per row.
 
     One lookup for all rows, one model call for the misses, one write (behind, over the network) for the
-    newly scored rows. Without caches (or disabled) it is ``scorer.score``.
+    newly scored rows. Without caches (or disabled) it is ``scorer.score``. Given :class:`Rows`, their
+    digests are kept, and their ``features`` set when the model scored every row (no row from the cache).
     """
-    n = len(matrix)
+    rows = Rows.of(matrix)
+    n = len(rows)
     if n == 0:
         return []
     if caches is None or not caches.enabled:
-        return [(r, False) for r in scorer.score(matrix)]
+        return [(r, False) for r in scorer.score(rows)]
     version = scorer.version
-    digests = matrix_digests(matrix)
+    digests = digests_of(rows)
     cache = caches.predictions
     found = await cache.get_many(version, digests)
     missing = [i for i, r in enumerate(found) if r is None]
@@ -351,7 +360,7 @@ async def score_rows(scorer: Scorer, matrix: np.ndarray, caches: Caches | None
         metrics.predictions(hits)  # served decisions count as predictions, cached or not
     if not missing:
         return [(r, True) for r in found]  # type: ignore[misc]
-    scored = scorer.score(matrix if len(missing) == n else matrix[missing])
+    scored = scorer.score(rows if len(missing) == n else rows.matrix[missing])
     out: list[tuple[ScoreResult, bool]] = [(r, True) if r is not None else None for r in found]  # type: ignore[misc]
     for i, result in zip(missing, scored, strict=True):
         out[i] = (result, False)
@@ -359,11 +368,11 @@ async def score_rows(scorer: Scorer, matrix: np.ndarray, caches: Caches | None
     return out
 
 
-async def explain_rows(scorer: Scorer, matrix: np.ndarray, caches: Caches | None,
-                       compute: Callable[[Scorer, np.ndarray], Any]) -> list[Any]:
+async def explain_rows(scorer: Scorer, matrix: np.ndarray | Rows, caches: Caches | None,
+                       compute: Callable[[Scorer, Rows], Any]) -> list[Any]:
     """Explanations of an encoded matrix through the explanation cache.
 
-    ``compute(scorer, rows)`` is awaited for the misses only (one call) and returns
+    ``compute(scorer, rows)`` is awaited for the misses only (one call, :class:`Rows`) and returns
     :class:`server.explain.Explanation` objects; they are cached whole (all contributions, in their binary
     form, ``to_bytes()``), so any top-k is served from one entry.
     """
@@ -382,24 +391,25 @@ def _codes(value: Any) -> list[str]:
     return value
 
 
-async def reason_rows(scorer: Scorer, matrix: np.ndarray, caches: Caches | None,
-                      compute: Callable[[Scorer, np.ndarray], Any]) -> list[list[str]]:
+async def reason_rows(scorer: Scorer, matrix: np.ndarray | Rows, caches: Caches | None,
+                      compute: Callable[[Scorer, Rows], Any]) -> list[list[str]]:
     """Adverse-action reason codes of an encoded matrix through the explanation cache (its own keys):
     ``compute(scorer, rows)`` (e.g. ``Scorer.reason_codes`` in a thread) is awaited for the misses only."""
     return await _through_cache(scorer, matrix, caches, compute, REASONS_KEY, _codes, list)
 
 
-async def _through_cache(scorer: Scorer, matrix: np.ndarray, caches: Caches | None,
-                         compute: Callable[[Scorer, np.ndarray], Any], prefix: str,
+async def _through_cache(scorer: Scorer, matrix: np.ndarray | Rows, caches: Caches | None,
+                         compute: Callable[[Scorer, Rows], Any], prefix: str,
                          decode: Callable[[Any], Any], encode: Callable[[Any], Any]) -> list[Any]:
     """Values per row from the explanation cache (keys ``prefix + digest``), computed for the misses only
     (one ``compute`` call) and written back; an entry that does not ``decode`` is computed again."""
-    if len(matrix) == 0:
+    rows = Rows.of(matrix)
+    if len(rows) == 0:
         return []
     if caches is None or not caches.enabled:
-        return list(await compute(scorer, matrix))
+        return list(await compute(scorer, rows))
     version = scorer.version
-    digests = [prefix + d for d in matrix_digests(matrix)]
+    digests = [prefix + d for d in digests_of(rows)]
     found = await caches.explanations.get_many(version, digests)
     out: list[Any] = [None] * len(found)
     missing = []
@@ -412,7 +422,7 @@ async def _through_cache(scorer: Scorer, matrix: np.ndarray, caches: Caches | No
         except (KeyError, TypeError, ValueError):
             missing.append(i)  # an entry of another shape: compute it again
     if missing:
-        computed = await compute(scorer, matrix if len(missing) == len(matrix) else matrix[missing])
+        computed = await compute(scorer, rows if len(missing) == len(rows) else rows.take(missing))
         for i, value in zip(missing, computed, strict=True):
             out[i] = value
         await caches.explanations.put_later(version, [(digests[i], encode(out[i])) for i in missing])

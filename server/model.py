@@ -150,11 +150,13 @@ class ModelArtifact:
             raise ValueError(f"expected a float32 matrix [N, {len(COLUMNS)}], got shape {x.shape}")
         return x
 
+    def _session_for(self, x: np.ndarray) -> ort.InferenceSession:
+        return self.batch_session if self.batch_session is not None and len(x) >= self.batch_rows else self.session
+
     def predict_proba(self, x: np.ndarray) -> np.ndarray:
         """P(default) for each row of ``x`` (float32 ``[N, len(COLUMNS)]``, NaN = missing) as float64 ``[N]``."""
         x = self._check(x)
-        session = self.batch_session if self.batch_session is not None and len(x) >= self.batch_rows else self.session
-        out = session.run([self.proba_output], {self.input_name: x})[0]
+        out = self._session_for(x).run([self.proba_output], {self.input_name: x})[0]
         return out[:, self.proba_column].astype(np.float64)
 
     def transform(self, x: np.ndarray) -> np.ndarray:
@@ -167,7 +169,8 @@ class ModelArtifact:
         """``(P(default) float64 [N], features float32 [N, len(features)])`` in one run of the graph."""
         if self.features_output is None:
             raise ModelError(f"model {self.version} has no features output")
-        proba, feats = self.session.run([self.proba_output, self.features_output], {self.input_name: self._check(x)})
+        x = self._check(x)
+        proba, feats = self._session_for(x).run([self.proba_output, self.features_output], {self.input_name: x})
         return proba[:, self.proba_column].astype(np.float64), feats
 
 

@@ -4,7 +4,8 @@ CLI and batch jobs share it."""
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import numpy as np
 
@@ -17,15 +18,46 @@ from server.policy import DECISIONS, RISK_LEVELS, Policy
 _VECTOR_ROWS = 16
 
 
-@dataclass(frozen=True, slots=True)
-class ScoreResult:
-    """The scored result of one applicant."""
+class ScoreResult(NamedTuple):
+    """The scored result of one applicant (a named tuple: immutable, and built in less than half the time
+    of a frozen dataclass, ~0.45 vs ~1.2 µs, which counts in a batch of thousands)."""
 
     probability: float
     decision: str
     risk_level: str
     confidence: float
     model_version: str
+
+
+class Rows:
+    """An encoded float32 matrix ``[N, len(COLUMNS)]`` on its way through one call, with what was learned
+    of it on the way: its rows' cache digests (computed once, for the prediction and the explanation
+    caches) and ``features``, the matrix the trees see, when the run of the graph that scored these rows
+    also gave it (explanations start from it instead of running the graph again)."""
+
+    __slots__ = ("digests", "features", "matrix")
+
+    def __init__(self, matrix: np.ndarray, features: np.ndarray | None = None,
+                 digests: list[str] | None = None) -> None:
+        self.matrix = matrix
+        self.features = features
+        self.digests = digests
+
+    @classmethod
+    def of(cls, x: np.ndarray | Rows) -> Rows:
+        return x if isinstance(x, Rows) else cls(x)
+
+    def __len__(self) -> int:
+        return len(self.matrix)
+
+    def take(self, index: Sequence[int] | slice) -> Rows:
+        """The rows at ``index`` (a list of positions or a slice), with their digests and features."""
+        if isinstance(index, slice):
+            return Rows(self.matrix[index], None if self.features is None else self.features[index],
+                        None if self.digests is None else self.digests[index])
+        index = list(index)
+        return Rows(self.matrix[index], None if self.features is None else self.features[index],
+                    None if self.digests is None else [self.digests[i] for i in index])
 
 
 class Scorer:
@@ -42,14 +74,21 @@ class Scorer:
         except ExplainError as exc:  # the model still scores; explanations are refused with the reason
             self.explain_error = str(exc)
 
-    def score(self, rows: np.ndarray) -> list[ScoreResult]:
-        """Score a float32 matrix [N, len(COLUMNS)] (NaN = missing)."""
+    def score(self, rows: np.ndarray | Rows) -> list[ScoreResult]:
+        """Score a float32 matrix [N, len(COLUMNS)] (NaN = missing). Given :class:`Rows` of an explainable
+        model, the same run of the graph also sets their ``features``."""
         if len(rows) == 0:
             return []
         version = self.version
         with tracing.span("credscope.inference", model_version=version, batch_size=len(rows)) as span:
             started = time.perf_counter()
-            probs = self.model.predict_proba(rows)
+            if isinstance(rows, Rows):
+                if self.explainer is not None and self.model.features_output is not None:
+                    probs, rows.features = self.model.predict(rows.matrix)
+                else:
+                    probs = self.model.predict_proba(rows.matrix)
+            else:
+                probs = self.model.predict_proba(rows)
             metrics.inference(time.perf_counter() - started, len(rows))
             if len(probs) >= _VECTOR_ROWS:
                 decisions, risks, confs = self.policy.decide_array(probs)
@@ -66,7 +105,13 @@ class Scorer:
         metrics.predictions(out)
         return out
 
-    def explain(self, rows: np.ndarray) -> list[Explanation]:
+    def _features(self, rows: np.ndarray | Rows) -> np.ndarray:
+        """The feature matrix of ``rows``: the one their scoring run gave, else a run of the graph."""
+        if isinstance(rows, Rows):
+            return rows.features if rows.features is not None else self.model.transform(rows.matrix)
+        return self.model.transform(rows)
+
+    def explain(self, rows: np.ndarray | Rows) -> list[Explanation]:
         """TreeSHAP explanations (every feature, largest first) of a raw float32 matrix [N, len(COLUMNS)].
 
         CPU-bound (about a millisecond per row for 300 trees) but releases the GIL: call it from a worker
@@ -76,9 +121,9 @@ class Scorer:
             raise ExplainError(self.explain_error or "this model cannot be explained")
         if len(rows) == 0:
             return []
-        return self.explainer.explain(self.model.transform(rows))
+        return self.explainer.explain(self._features(rows))
 
-    def reason_codes(self, rows: np.ndarray) -> list[list[str]]:
+    def reason_codes(self, rows: np.ndarray | Rows) -> list[list[str]]:
         """The adverse-action reason codes of each row of a raw float32 matrix, straight from the SHAP
         matrix (no :class:`Explanation` objects): what ``reasons.adverse_reasons`` gives from
         :meth:`explain`, for a fraction of the work. CPU-bound like :meth:`explain` (GIL released)."""
@@ -88,5 +133,5 @@ class Scorer:
             return []
         from server.reasons import catalogue_of
 
-        phi = self.explainer.shap_values(self.model.transform(rows))
+        phi = self.explainer.shap_values(self._features(rows))
         return catalogue_of(self.model.metadata, self.version).codes_for(phi, self.explainer.feature_names)

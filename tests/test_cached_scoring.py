@@ -27,7 +27,7 @@ from server.cached_scoring import (
     score_rows,
 )
 from server.convert import applicant_to_row, rows_to_matrix
-from server.scoring import Scorer, ScoreResult
+from server.scoring import Rows, Scorer, ScoreResult
 from server.settings import CacheSettings
 
 BASE = {
@@ -220,6 +220,47 @@ async def test_reason_codes_are_cached_under_keys_of_their_own(model, caches: Ca
     assert await caches.explanations.get(model.version, "reasons/" + digest) == first[0]
     await caches.explanations.put(model.version, "reasons/" + digest, {"not": "codes"})  # unreadable: recomputed
     assert (await reason_rows(scorer, m[:1], caches, compute)) == first[:1] and calls == [4, 2, 1]
+
+
+class TransformCounting(Scorer):
+    """The real scorer, counting the runs of the graph made only for the feature matrix."""
+
+    def __init__(self, model) -> None:  # type: ignore[no-untyped-def]
+        super().__init__(model)
+        self.transforms: list[int] = []
+        transform = model.transform
+
+        def counted(x: np.ndarray) -> np.ndarray:
+            self.transforms.append(len(x))
+            return transform(x)
+
+        self.model = dataclasses.replace(model)
+        self.model.transform = counted  # type: ignore[method-assign]
+
+
+async def test_the_scoring_run_gives_the_explanations_their_features(model, caches: Caches) -> None:  # type: ignore[no-untyped-def]
+    """Rows scored by the model keep the feature matrix of that same run (bit for bit what a separate run of
+    the graph gives) and their digests: the reason codes of those rows need no second run of the graph and
+    no second hashing; rows that came from the cache (no scoring run) fall back to a run of the graph."""
+    scorer = TransformCounting(model)
+    m = varied_rows(40, seed=31)
+    rows = Rows(m)
+    await score_rows(scorer, rows, caches)
+    assert rows.digests == matrix_digests(m)
+    assert rows.features is not None and rows.features.dtype == np.float32
+    np.testing.assert_array_equal(rows.features, model.transform(m))  # (NaN where a value is missing)
+
+    async def compute(s: Scorer, r: Rows) -> list[list[str]]:
+        return s.reason_codes(r)
+
+    codes = await reason_rows(scorer, rows.take([0, 5, 9]), caches, compute)
+    assert scorer.transforms == [] and codes == Scorer(model).reason_codes(m[[0, 5, 9]])
+    await drain(caches)
+    again = Rows(m)  # every row from the cache now: no scoring run, no features
+    await score_rows(scorer, again, caches)
+    assert again.features is None
+    assert await reason_rows(scorer, again.take([1, 2]), caches, compute) == Scorer(model).reason_codes(m[[1, 2]])
+    assert scorer.transforms == [2]
 
 
 async def test_unreadable_value_is_a_miss_not_a_hit(model) -> None:  # type: ignore[no-untyped-def]

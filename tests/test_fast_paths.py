@@ -206,6 +206,10 @@ def test_batch_session_scores_large_matrices_like_the_single_row_session(model_d
     np.testing.assert_allclose(big, plain.predict_proba(x), rtol=0, atol=1e-6)
     small = x[: two.batch_rows - 1]  # below batch_rows: the one-thread session, bit for bit
     assert (two.predict_proba(small) == plain.predict_proba(small)).all()
+    # the features a batch's scoring run gives (what its explanations start from): those of one thread
+    proba, features = two.predict(x)
+    assert (proba == big).all()
+    np.testing.assert_array_equal(features, plain.transform(x))
 
 
 async def test_one_applicants_shap_work_runs_inline_a_batchs_in_the_explain_threads(model_dir) -> None:  # type: ignore[no-untyped-def]

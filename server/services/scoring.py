@@ -40,7 +40,7 @@ from server.portfolio_convert import (
 )
 from server.reasons import adverse_codes, adverse_reasons, needs_explanation
 from server.runtime import Runtime
-from server.scoring import Scorer
+from server.scoring import Rows, Scorer
 from server.services.audit import explanation_of, report_outcome
 from server.settings import Settings
 from server.wire import decode_applicants
@@ -77,10 +77,11 @@ class ScoringService(scoring_pb2_grpc.ScoringServiceServicer):
         self._inline_rows = settings.model.inline_explain_rows
         self._explain_pool = ThreadPoolExecutor(self._explain_threads, thread_name_prefix="explain")
 
-    async def _shap_work(self, scorer: Scorer, fn: Callable[[np.ndarray], list[T]], matrix: np.ndarray,
+    async def _shap_work(self, scorer: Scorer, fn: Callable[[Rows], list[T]], matrix: np.ndarray | Rows,
                        what: str) -> list[T]:
         """``fn(matrix)`` (TreeSHAP work): for a batch in the explain thread pool (split over its threads), so
         the event loop keeps serving; for up to ``model.inline_explain_rows`` rows on the loop itself."""
+        matrix = Rows.of(matrix)
         try:
             with tracing.span("credscope.explain", model_version=scorer.version, batch_size=len(matrix), kind=what):
                 if len(matrix) <= self._inline_rows:
@@ -89,23 +90,24 @@ class ScoringService(scoring_pb2_grpc.ScoringServiceServicer):
                 parts = min(self._explain_threads, len(matrix) // _SPLIT_ROWS) or 1
                 bounds = [len(matrix) * k // parts for k in range(parts + 1)]
                 chunks = await asyncio.gather(*(
-                    loop.run_in_executor(self._explain_pool, contextvars.copy_context().run, fn, matrix[a:b])
+                    loop.run_in_executor(self._explain_pool, contextvars.copy_context().run, fn,
+                                         matrix.take(slice(a, b)))
                     for a, b in itertools.pairwise(bounds)))
                 return [value for chunk in chunks for value in chunk]
         except ExplainError as exc:
             raise FailedPrecondition(f"model {scorer.version} cannot be explained: {exc}") from exc
 
-    async def _compute_explanations(self, scorer: Scorer, matrix: np.ndarray) -> list[Explanation]:
+    async def _compute_explanations(self, scorer: Scorer, matrix: Rows) -> list[Explanation]:
         return await self._shap_work(scorer, scorer.explain, matrix, "explanation")
 
-    async def _compute_reasons(self, scorer: Scorer, matrix: np.ndarray) -> list[list[str]]:
+    async def _compute_reasons(self, scorer: Scorer, matrix: Rows) -> list[list[str]]:
         return await self._shap_work(scorer, scorer.reason_codes, matrix, "reasons")
 
-    async def _explain(self, scorer: Scorer, matrix: np.ndarray) -> list[Explanation]:
+    async def _explain(self, scorer: Scorer, matrix: Rows) -> list[Explanation]:
         """Explanations through the explanation cache (computed for the misses only)."""
         return await explain_rows(scorer, matrix, self.caches, self._compute_explanations)
 
-    async def _reasons(self, scorer: Scorer, matrix: np.ndarray) -> list[list[str]]:
+    async def _reasons(self, scorer: Scorer, matrix: Rows) -> list[list[str]]:
         """Adverse-action reason codes through the cache: the SHAP matrix straight to codes, no explanation
         objects (for adverse decisions whose caller did not ask for an explanation)."""
         return await reason_rows(scorer, matrix, self.caches, self._compute_reasons)
@@ -125,18 +127,19 @@ class ScoringService(scoring_pb2_grpc.ScoringServiceServicer):
         matrix = rows_to_matrix([row])
         input_signals.observe(scorer, matrix)
         deadline.check(context, "scoring")
-        [(result, from_cache)] = await score_rows(scorer, matrix, self.caches)
+        rows = Rows(matrix)  # scoring keeps its digests and features for the explanation
+        [(result, from_cache)] = await score_rows(scorer, rows, self.caches)
         response = scoring_pb2.ScoreResponse()
         fill_prediction(response, result, request_id, from_cache=from_cache)
         tracing.set_attributes(model_version=result.model_version, decision=result.decision, from_cache=from_cache)
         if top_k is not None:  # the reasons come from the same explanation
             deadline.check(context, "explanation")
-            full = (await self._explain(scorer, matrix))[0]
+            full = (await self._explain(scorer, rows))[0]
             fill_explanation(response.explanation, full.top(top_k))
             codes = adverse_reasons(response.reasons, scorer, result, full)
         elif needs_explanation(scorer, result.decision):  # adverse: its reasons, from the SHAP values alone
             deadline.check(context, "explanation")
-            codes = adverse_codes(response.reasons, scorer, result, (await self._reasons(scorer, matrix))[0])
+            codes = adverse_codes(response.reasons, scorer, result, (await self._reasons(scorer, rows))[0])
         else:
             codes = adverse_codes(response.reasons, scorer, result, None)
         response.timestamp.CopyFrom(timestamp(time.time()))
@@ -182,7 +185,8 @@ class ScoringService(scoring_pb2_grpc.ScoringServiceServicer):
         matrix = encoded.astype(np.float32)
         input_signals.observe(scorer, matrix)
         deadline.check(context, "scoring")
-        pairs = await score_rows(scorer, matrix, self.caches) if rows else []
+        scoring = Rows(matrix)  # scoring keeps its digests and features for the explanations
+        pairs = await score_rows(scorer, scoring, self.caches) if rows else []
         scored = [res for res, _ in pairs]
         tracing.set_attributes(model_version=scorer.version, batch_size=n,
                                from_cache=bool(pairs) and all(hit for _, hit in pairs))
@@ -190,7 +194,7 @@ class ScoringService(scoring_pb2_grpc.ScoringServiceServicer):
             j for j, (res, _) in enumerate(pairs) if needs_explanation(scorer, res.decision)]
         if want:
             deadline.check(context, "explanation")
-        subset = matrix if len(want) == len(rows) else matrix[want]
+        subset = scoring if len(want) == len(rows) else scoring.take(want)
         # The SHAP work runs in the explain threads while this loop fills in the predictions and the portfolio.
         pending: asyncio.Future[list[Any]] | None = asyncio.ensure_future(
             self._explain(scorer, subset) if top_k is not None else self._reasons(scorer, subset)) if want else None
