@@ -46,7 +46,7 @@ import struct
 from array import array
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -88,9 +88,9 @@ class ExplainError(Exception):
 # The explanation (domain object)
 # --------------------------------------------------------------------------------------------
 
-@dataclass(frozen=True, slots=True)
-class Contribution:
-    """One feature's SHAP value for one applicant."""
+class Contribution(NamedTuple):
+    """One feature's SHAP value for one applicant (a named tuple: an explanation holds one per feature, and a
+    named tuple is built in less than half the time of a frozen dataclass)."""
 
     feature: str
     """Model feature name (raw Home Credit column or engineered feature, e.g. PAYMENT_RATE)."""
