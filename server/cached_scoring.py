@@ -37,7 +37,7 @@ from server import metrics, tracing
 from server.backends.cache import CacheBackend, CacheSpec, backend_kind, open_backends
 from server.policy import DECISIONS, RISK_LEVELS
 from server.schema import COLUMNS
-from server.scoring import Rows, Scorer, ScoreResult
+from server.scoring import EncodedRows, Scorer, ScoreResult
 from server.settings import CacheSettings
 
 log = logging.getLogger("credscope.cache")
@@ -329,22 +329,22 @@ def open_caches(settings: CacheSettings) -> Caches:
                                 where=where)
 
 
-def digests_of(rows: Rows) -> list[str]:
+def digests_of(rows: EncodedRows) -> list[str]:
     """The rows' digests, computed on first use and kept on ``rows`` (both caches key on them)."""
     if rows.digests is None:
         rows.digests = matrix_digests(rows.matrix)
     return rows.digests
 
 
-async def score_rows(scorer: Scorer, matrix: np.ndarray | Rows, caches: Caches | None
+async def score_rows(scorer: Scorer, matrix: np.ndarray | EncodedRows, caches: Caches | None
                      ) -> list[tuple[ScoreResult, bool]]:
     """Score an encoded float32 matrix through the prediction cache: (result, from_cache) per row.
 
     One lookup for all rows, one model call for the misses, one write (behind, over the network) for the
-    newly scored rows. Without caches (or disabled) it is ``scorer.score``. Given :class:`Rows`, their
+    newly scored rows. Without caches (or disabled) it is ``scorer.score``. Given :class:`EncodedRows`, their
     digests are kept, and their ``features`` set when the model scored every row (no row from the cache).
     """
-    rows = Rows.of(matrix)
+    rows = EncodedRows.of(matrix)
     n = len(rows)
     if n == 0:
         return []
@@ -368,11 +368,11 @@ async def score_rows(scorer: Scorer, matrix: np.ndarray | Rows, caches: Caches |
     return out
 
 
-async def explain_rows(scorer: Scorer, matrix: np.ndarray | Rows, caches: Caches | None,
-                       compute: Callable[[Scorer, Rows], Any]) -> list[Any]:
+async def explain_rows(scorer: Scorer, matrix: np.ndarray | EncodedRows, caches: Caches | None,
+                       compute: Callable[[Scorer, EncodedRows], Any]) -> list[Any]:
     """Explanations of an encoded matrix through the explanation cache.
 
-    ``compute(scorer, rows)`` is awaited for the misses only (one call, :class:`Rows`) and returns
+    ``compute(scorer, rows)`` is awaited for the misses only (one call, :class:`EncodedRows`) and returns
     :class:`server.explain.Explanation` objects; they are cached whole (all contributions, in their binary
     form, ``to_bytes()``), so any top-k is served from one entry.
     """
@@ -391,19 +391,19 @@ def _codes(value: Any) -> list[str]:
     return value
 
 
-async def reason_rows(scorer: Scorer, matrix: np.ndarray | Rows, caches: Caches | None,
-                      compute: Callable[[Scorer, Rows], Any]) -> list[list[str]]:
+async def reason_rows(scorer: Scorer, matrix: np.ndarray | EncodedRows, caches: Caches | None,
+                      compute: Callable[[Scorer, EncodedRows], Any]) -> list[list[str]]:
     """Adverse-action reason codes of an encoded matrix through the explanation cache (its own keys):
     ``compute(scorer, rows)`` (e.g. ``Scorer.reason_codes`` in a thread) is awaited for the misses only."""
     return await _through_cache(scorer, matrix, caches, compute, REASONS_KEY, _codes, list)
 
 
-async def _through_cache(scorer: Scorer, matrix: np.ndarray | Rows, caches: Caches | None,
-                         compute: Callable[[Scorer, Rows], Any], prefix: str,
+async def _through_cache(scorer: Scorer, matrix: np.ndarray | EncodedRows, caches: Caches | None,
+                         compute: Callable[[Scorer, EncodedRows], Any], prefix: str,
                          decode: Callable[[Any], Any], encode: Callable[[Any], Any]) -> list[Any]:
     """Values per row from the explanation cache (keys ``prefix + digest``), computed for the misses only
     (one ``compute`` call) and written back; an entry that does not ``decode`` is computed again."""
-    rows = Rows.of(matrix)
+    rows = EncodedRows.of(matrix)
     if len(rows) == 0:
         return []
     if caches is None or not caches.enabled:

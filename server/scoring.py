@@ -29,7 +29,7 @@ class ScoreResult(NamedTuple):
     model_version: str
 
 
-class Rows:
+class EncodedRows:
     """An encoded float32 matrix ``[N, len(COLUMNS)]`` on its way through one call, with what was learned
     of it on the way: its rows' cache digests (computed once, for the prediction and the explanation
     caches) and ``features``, the matrix the trees see, when the run of the graph that scored these rows
@@ -44,19 +44,19 @@ class Rows:
         self.digests = digests
 
     @classmethod
-    def of(cls, x: np.ndarray | Rows) -> Rows:
-        return x if isinstance(x, Rows) else cls(x)
+    def of(cls, x: np.ndarray | EncodedRows) -> EncodedRows:
+        return x if isinstance(x, EncodedRows) else cls(x)
 
     def __len__(self) -> int:
         return len(self.matrix)
 
-    def take(self, index: Sequence[int] | slice) -> Rows:
+    def take(self, index: Sequence[int] | slice) -> EncodedRows:
         """The rows at ``index`` (a list of positions or a slice), with their digests and features."""
         if isinstance(index, slice):
-            return Rows(self.matrix[index], None if self.features is None else self.features[index],
+            return EncodedRows(self.matrix[index], None if self.features is None else self.features[index],
                         None if self.digests is None else self.digests[index])
         index = list(index)
-        return Rows(self.matrix[index], None if self.features is None else self.features[index],
+        return EncodedRows(self.matrix[index], None if self.features is None else self.features[index],
                     None if self.digests is None else [self.digests[i] for i in index])
 
 
@@ -74,15 +74,15 @@ class Scorer:
         except ExplainError as exc:  # the model still scores; explanations are refused with the reason
             self.explain_error = str(exc)
 
-    def score(self, rows: np.ndarray | Rows) -> list[ScoreResult]:
-        """Score a float32 matrix [N, len(COLUMNS)] (NaN = missing). Given :class:`Rows` of an explainable
+    def score(self, rows: np.ndarray | EncodedRows) -> list[ScoreResult]:
+        """Score a float32 matrix [N, len(COLUMNS)] (NaN = missing). Given :class:`EncodedRows` of an explainable
         model, the same run of the graph also sets their ``features``."""
         if len(rows) == 0:
             return []
         version = self.version
         with tracing.span("credscope.inference", model_version=version, batch_size=len(rows)) as span:
             started = time.perf_counter()
-            if isinstance(rows, Rows):
+            if isinstance(rows, EncodedRows):
                 if self.explainer is not None and self.model.features_output is not None:
                     probs, rows.features = self.model.predict(rows.matrix)
                 else:
@@ -105,13 +105,13 @@ class Scorer:
         metrics.predictions(out)
         return out
 
-    def _features(self, rows: np.ndarray | Rows) -> np.ndarray:
+    def _features(self, rows: np.ndarray | EncodedRows) -> np.ndarray:
         """The feature matrix of ``rows``: the one their scoring run gave, else a run of the graph."""
-        if isinstance(rows, Rows):
+        if isinstance(rows, EncodedRows):
             return rows.features if rows.features is not None else self.model.transform(rows.matrix)
         return self.model.transform(rows)
 
-    def explain(self, rows: np.ndarray | Rows) -> list[Explanation]:
+    def explain(self, rows: np.ndarray | EncodedRows) -> list[Explanation]:
         """TreeSHAP explanations (every feature, largest first) of a raw float32 matrix [N, len(COLUMNS)].
 
         CPU-bound (about a millisecond per row for 300 trees) but releases the GIL: call it from a worker
@@ -123,7 +123,7 @@ class Scorer:
             return []
         return self.explainer.explain(self._features(rows))
 
-    def reason_codes(self, rows: np.ndarray | Rows) -> list[list[str]]:
+    def reason_codes(self, rows: np.ndarray | EncodedRows) -> list[list[str]]:
         """The adverse-action reason codes of each row of a raw float32 matrix, straight from the SHAP
         matrix (no :class:`Explanation` objects): what ``reasons.adverse_reasons`` gives from
         :meth:`explain`, for a fraction of the work. CPU-bound like :meth:`explain` (GIL released)."""

@@ -27,7 +27,7 @@ from server.cached_scoring import (
     score_rows,
 )
 from server.convert import applicant_to_row, rows_to_matrix
-from server.scoring import Rows, Scorer, ScoreResult
+from server.scoring import EncodedRows, Scorer, ScoreResult
 from server.settings import CacheSettings
 
 BASE = {
@@ -244,19 +244,19 @@ async def test_the_scoring_run_gives_the_explanations_their_features(model, cach
     no second hashing; rows that came from the cache (no scoring run) fall back to a run of the graph."""
     scorer = TransformCounting(model)
     m = varied_rows(40, seed=31)
-    rows = Rows(m)
+    rows = EncodedRows(m)
     await score_rows(scorer, rows, caches)
     assert rows.digests == matrix_digests(m)
     assert rows.features is not None and rows.features.dtype == np.float32
     np.testing.assert_array_equal(rows.features, model.transform(m))  # (NaN where a value is missing)
 
-    async def compute(s: Scorer, r: Rows) -> list[list[str]]:
+    async def compute(s: Scorer, r: EncodedRows) -> list[list[str]]:
         return s.reason_codes(r)
 
     codes = await reason_rows(scorer, rows.take([0, 5, 9]), caches, compute)
     assert scorer.transforms == [] and codes == Scorer(model).reason_codes(m[[0, 5, 9]])
     await drain(caches)
-    again = Rows(m)  # every row from the cache now: no scoring run, no features
+    again = EncodedRows(m)  # every row from the cache now: no scoring run, no features
     await score_rows(scorer, again, caches)
     assert again.features is None
     assert await reason_rows(scorer, again.take([1, 2]), caches, compute) == Scorer(model).reason_codes(m[[1, 2]])

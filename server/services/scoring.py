@@ -40,7 +40,7 @@ from server.portfolio_convert import (
 )
 from server.reasons import adverse_codes, adverse_reasons, needs_explanation
 from server.runtime import Runtime
-from server.scoring import Rows, Scorer
+from server.scoring import EncodedRows, Scorer
 from server.services.audit import explanation_of, report_outcome
 from server.settings import Settings
 from server.wire import decode_applicants
@@ -77,11 +77,11 @@ class ScoringService(scoring_pb2_grpc.ScoringServiceServicer):
         self._inline_rows = settings.model.inline_explain_rows
         self._explain_pool = ThreadPoolExecutor(self._explain_threads, thread_name_prefix="explain")
 
-    async def _shap_work(self, scorer: Scorer, fn: Callable[[Rows], list[T]], matrix: np.ndarray | Rows,
+    async def _shap_work(self, scorer: Scorer, fn: Callable[[EncodedRows], list[T]], matrix: np.ndarray | EncodedRows,
                        what: str) -> list[T]:
         """``fn(matrix)`` (TreeSHAP work): for a batch in the explain thread pool (split over its threads), so
         the event loop keeps serving; for up to ``model.inline_explain_rows`` rows on the loop itself."""
-        matrix = Rows.of(matrix)
+        matrix = EncodedRows.of(matrix)
         try:
             with tracing.span("credscope.explain", model_version=scorer.version, batch_size=len(matrix), kind=what):
                 if len(matrix) <= self._inline_rows:
@@ -97,17 +97,17 @@ class ScoringService(scoring_pb2_grpc.ScoringServiceServicer):
         except ExplainError as exc:
             raise FailedPrecondition(f"model {scorer.version} cannot be explained: {exc}") from exc
 
-    async def _compute_explanations(self, scorer: Scorer, matrix: Rows) -> list[Explanation]:
+    async def _compute_explanations(self, scorer: Scorer, matrix: EncodedRows) -> list[Explanation]:
         return await self._shap_work(scorer, scorer.explain, matrix, "explanation")
 
-    async def _compute_reasons(self, scorer: Scorer, matrix: Rows) -> list[list[str]]:
+    async def _compute_reasons(self, scorer: Scorer, matrix: EncodedRows) -> list[list[str]]:
         return await self._shap_work(scorer, scorer.reason_codes, matrix, "reasons")
 
-    async def _explain(self, scorer: Scorer, matrix: Rows) -> list[Explanation]:
+    async def _explain(self, scorer: Scorer, matrix: EncodedRows) -> list[Explanation]:
         """Explanations through the explanation cache (computed for the misses only)."""
         return await explain_rows(scorer, matrix, self.caches, self._compute_explanations)
 
-    async def _reasons(self, scorer: Scorer, matrix: Rows) -> list[list[str]]:
+    async def _reasons(self, scorer: Scorer, matrix: EncodedRows) -> list[list[str]]:
         """Adverse-action reason codes through the cache: the SHAP matrix straight to codes, no explanation
         objects (for adverse decisions whose caller did not ask for an explanation)."""
         return await reason_rows(scorer, matrix, self.caches, self._compute_reasons)
@@ -127,7 +127,7 @@ class ScoringService(scoring_pb2_grpc.ScoringServiceServicer):
         matrix = rows_to_matrix([row])
         input_signals.observe(scorer, matrix)
         deadline.check(context, "scoring")
-        rows = Rows(matrix)  # scoring keeps its digests and features for the explanation
+        rows = EncodedRows(matrix)  # scoring keeps its digests and features for the explanation
         [(result, from_cache)] = await score_rows(scorer, rows, self.caches)
         response = scoring_pb2.ScoreResponse()
         fill_prediction(response, result, request_id, from_cache=from_cache)
@@ -185,7 +185,7 @@ class ScoringService(scoring_pb2_grpc.ScoringServiceServicer):
         matrix = encoded.astype(np.float32)
         input_signals.observe(scorer, matrix)
         deadline.check(context, "scoring")
-        scoring = Rows(matrix)  # scoring keeps its digests and features for the explanations
+        scoring = EncodedRows(matrix)  # scoring keeps its digests and features for the explanations
         pairs = await score_rows(scorer, scoring, self.caches) if rows else []
         scored = [res for res, _ in pairs]
         tracing.set_attributes(model_version=scorer.version, batch_size=n,
@@ -198,17 +198,17 @@ class ScoringService(scoring_pb2_grpc.ScoringServiceServicer):
         # The SHAP work runs in the explain threads while this loop fills in the predictions and the portfolio.
         pending: asyncio.Future[list[Any]] | None = asyncio.ensure_future(
             self._explain(scorer, subset) if top_k is not None else self._reasons(scorer, subset)) if want else None
+        predictions = [results[i].prediction for i in positions]  # (each lookup makes a new wrapper: once)
         try:
-            for i, (res, from_cache) in zip(positions, pairs, strict=True):
-                fill_prediction(response.results[i].prediction, res, f"{request_id}/{i}", from_cache=from_cache)
+            for i, prediction, (res, from_cache) in zip(positions, predictions, pairs, strict=True):
+                fill_prediction(prediction, res, f"{request_id}/{i}", from_cache=from_cache)
             fill_portfolio(response.portfolio, portfolio_of(scored, loan))
             done = dict(zip(want, await pending, strict=True)) if pending is not None else {}
         finally:
             if pending is not None and not pending.done():
                 pending.cancel()
         codes: list[list[str] | None] = []
-        for j, (i, (res, _)) in enumerate(zip(positions, pairs, strict=True)):
-            prediction = response.results[i].prediction
+        for j, (prediction, (res, _)) in enumerate(zip(predictions, pairs, strict=True)):
             if top_k is not None:  # explanations asked for: the reasons come from them
                 fill_explanation(prediction.explanation, done[j].top(top_k))
                 codes.append(adverse_reasons(prediction.reasons, scorer, res, done.get(j)))
@@ -216,8 +216,7 @@ class ScoringService(scoring_pb2_grpc.ScoringServiceServicer):
                 codes.append(adverse_codes(prediction.reasons, scorer, res, done.get(j)))
         response.timestamp.CopyFrom(timestamp(time.time()))
         response.processing_time_ms = (time.perf_counter() - started) * 1000.0
-        for i, row, reason_codes, (res, from_cache) in zip(positions, rows, codes, pairs, strict=True):
-            p = response.results[i].prediction
+        for p, row, reason_codes, (res, from_cache) in zip(predictions, rows, codes, pairs, strict=True):
             audit_prediction(p.request_id, row, res, response.processing_time_ms, from_cache=from_cache,
                              explanation=explanation_of(p) if top_k is not None else None, reason_codes=reason_codes)
         if self.challenger is not None and rows:  # shadow scoring, queued without waiting
