@@ -24,9 +24,12 @@ contiguous run). For each length present in the model, a function with the quadr
 (``m`` leave-one-out products at ``ceil(m / 2)`` points, every value a local) is generated and
 compiled; its loop over the group's paths has no branches and no inner loops, so the compiler runs
 it on SIMD lanes, several paths at a time (AVX-512 / AVX2 where the CPU has them). A row costs:
-one pass deciding which elements the row meets (a lookup of its value and two comparisons, no branches),
-the unrolled group loops, and one pass adding each element's share to its feature (into four interleaved
-partial sums, so consecutive adds do not wait on each other, summed in a fixed order). No fused
+one pass deciding which distinct conditions (feature, bounds, where a missing value goes) the row meets (a
+lookup of its value and two comparisons, no branches; ~10,000 conditions for the ~55,000 elements of the
+served model, since the first splits of a tree lie on most of its paths), one pass giving each element its
+condition's result, the unrolled group loops, and one pass adding each element's share to its
+feature (into four interleaved partial sums, so consecutive adds do not wait on each other, summed in a
+fixed order). No fused
 multiply-add contraction and no fast-math: the same row gives the same bits on any x86-64 host.
 
 The generated source is written to a module in a private cache directory (numba's disk cache
@@ -70,7 +73,8 @@ class PathEnsemble:
     ``elem_feature[e]`` with the interval ``(elem_lo[e], elem_hi[e]]`` its splits allow (``elem_lo``
     is NaN when no split bounds it from below, so ``-inf`` stays inside; float32 when every bound is a
     float32 value, as in ONNX), ``elem_nan[e]`` (whether a missing value goes the path's way at all of
-    them) and ``elem_z[e]`` (product of cover fractions).
+    them) and ``elem_z[e]`` (product of cover fractions). Many elements share one condition (the
+    first splits of a tree lie on most of its paths): :attr:`conditions` holds each distinct one once.
     """
 
     groups: np.ndarray
@@ -93,9 +97,23 @@ class PathEnsemble:
         return tuple(int(m) for m in self.groups[:, 0])
 
     @functools.cached_property
+    def conditions(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """The distinct conditions ``(feature, lo, hi, nan_ok)`` of the elements (each array one entry per
+        condition), and for each element the index of its condition: a row is tested once per condition
+        (~10,000 for the served model's ~55,000 elements), and each element looks its result up."""
+        lo = self.elem_lo.astype(np.float64)
+        keys = np.rec.fromarrays([self.elem_feature.astype(np.int64), np.where(np.isnan(lo), -np.inf, lo),
+                                  self.elem_hi.astype(np.float64), self.elem_nan.astype(np.int64)])
+        _, first, index = np.unique(keys, return_index=True, return_inverse=True)
+        index_type = np.uint16 if first.size <= np.iinfo(np.uint16).max + 1 else np.int64
+        return (self.elem_feature[first], self.elem_lo[first], self.elem_hi[first], self.elem_nan[first],
+                index.reshape(-1).astype(index_type))
+
+    @functools.cached_property
     def kernel(self) -> Callable[..., None]:
         """The compiled kernel for this ensemble's path lengths and dtypes (compiled or loaded on first use)."""
-        return _compiled_kernel(self.lengths, self.elem_feature.dtype.name, self.elem_lo.dtype.name)
+        return _compiled_kernel(self.lengths, self.elem_feature.dtype.name, self.elem_lo.dtype.name,
+                                self.conditions[4].dtype.name)
 
 
 def paths_from_trees(children_left: np.ndarray, children_right: np.ndarray, children_default: np.ndarray,
@@ -176,16 +194,25 @@ def _elements(xr, feature, lo, hi, nan_ok, met):  # pragma: no cover
     for e in range(feature.size):
         v = xr[feature[e]]
         met[e] = ((v <= hi[e]) & ((v <= lo[e]) ^ True)) | ((v != v) & nan_ok[e])
+
+
+@njit(**_OPTIONS)
+def _lookup(tested, index, met):  # pragma: no cover
+    # each element's result is its condition's
+    for e in range(index.size):
+        met[e] = tested[index[e]]
 '''
 
 _KERNEL_DRIVER = '''
 
 @njit(**_OPTIONS)
-def shap_rows(x, groups, feature, lo, hi, nan_ok, z, value, out):  # pragma: no cover
+def shap_rows(x, groups, feature, cfeature, lo, hi, nan_ok, index, z, value, out):  # pragma: no cover
+    tested = np.empty(cfeature.size, dtype=np.uint8)
     met = np.empty(feature.size, dtype=np.uint8)
     share = np.empty(feature.size)
     for r in range(x.shape[0]):
-        _elements(x[r], feature, lo, hi, nan_ok, met)
+        _elements(x[r], cfeature, lo, hi, nan_ok, tested)
+        _lookup(tested, index, met)
         for g in range(groups.shape[0]):
             m = groups[g, 0]
             count = groups[g, 1]
@@ -200,12 +227,14 @@ def shap_rows(x, groups, feature, lo, hi, nan_ok, z, value, out):  # pragma: no 
             row[f] += (acc[0, f] + acc[1, f]) + (acc[2, f] + acc[3, f])
 
 
-def warm(feature_dtype, bound_dtype):
+def warm(feature_dtype, bound_dtype, index_dtype):
     """Compile shap_rows for these element dtypes (run in a child process: numba's cache keeps the result)."""
     x = np.zeros((1, 1))
     bounds = np.zeros(0, dtype=bound_dtype)
-    shap_rows(x, np.zeros((0, 4), dtype=np.int64), np.zeros(0, dtype=feature_dtype), bounds, bounds,
-              np.zeros(0, dtype=np.bool_), np.zeros(0), np.zeros(0), np.zeros((1, 1)))
+    features = np.zeros(0, dtype=feature_dtype)
+    shap_rows(x, np.zeros((0, 4), dtype=np.int64), features, features, bounds, bounds,
+              np.zeros(0, dtype=np.bool_), np.zeros(0, dtype=index_dtype), np.zeros(0), np.zeros(0),
+              np.zeros((1, 1)))
 '''
 
 
@@ -296,16 +325,16 @@ def _module_file(source: str, name: str) -> Path | None:
 #: Run in a child process: load the generated module and compile its kernel into numba's disk cache.
 _WARM = """\
 import importlib.util, sys
-path, name, feature_dtype, bound_dtype = sys.argv[1:5]
+path, name, feature_dtype, bound_dtype, index_dtype = sys.argv[1:6]
 spec = importlib.util.spec_from_file_location(name, path)
 module = importlib.util.module_from_spec(spec)
 sys.modules[name] = module
 spec.loader.exec_module(module)
-module.warm(feature_dtype, bound_dtype)
+module.warm(feature_dtype, bound_dtype, index_dtype)
 """
 
 
-def _compiled_in_child(path: Path, name: str, feature_dtype: str, bound_dtype: str) -> bool:
+def _compiled_in_child(path: Path, name: str, feature_dtype: str, bound_dtype: str, index_dtype: str) -> bool:
     """Compile the kernel of the module at ``path`` in a child process, unless numba's cache beside it has it.
 
     Compiling takes ~12-15 s of CPU, most of it holding the GIL: in this process, while a new model version
@@ -314,7 +343,8 @@ def _compiled_in_child(path: Path, name: str, feature_dtype: str, bound_dtype: s
     if any((path.parent / "__pycache__").glob(f"{name}.shap_rows-*.nbi")):
         return True
     try:
-        done = subprocess.run([sys.executable, "-c", _WARM, str(path), name, feature_dtype, bound_dtype],  # noqa: S603  # nosec B603 - our interpreter, our generated module
+        args = [str(path), name, feature_dtype, bound_dtype, index_dtype]
+        done = subprocess.run([sys.executable, "-c", _WARM, *args],  # noqa: S603  # nosec B603 - our interpreter, our generated module
                               capture_output=True, text=True, timeout=900, check=False)
     except (OSError, subprocess.SubprocessError) as exc:
         log.warning("TreeSHAP kernel: compiling in a child process failed (%s); compiling here", exc)
@@ -327,7 +357,8 @@ def _compiled_in_child(path: Path, name: str, feature_dtype: str, bound_dtype: s
 
 
 @functools.cache
-def _compiled_kernel(lengths: tuple[int, ...], feature_dtype: str, bound_dtype: str) -> Callable[..., None]:
+def _compiled_kernel(lengths: tuple[int, ...], feature_dtype: str, bound_dtype: str,
+                     index_dtype: str) -> Callable[..., None]:
     source = kernel_source(lengths)
     name = "credscope_treeshap_" + hashlib.sha256(source.encode()).hexdigest()[:16]
     module = sys.modules.get(name)
@@ -337,7 +368,7 @@ def _compiled_kernel(lengths: tuple[int, ...], feature_dtype: str, bound_dtype: 
             namespace: dict[str, Any] = {"__name__": name}
             exec(compile(kernel_source(lengths, cache=False), f"<{name}>", "exec"), namespace)  # noqa: S102  # nosec B102 - our own generated text
             return namespace["shap_rows"]  # type: ignore[no-any-return]
-        _compiled_in_child(path, name, feature_dtype, bound_dtype)
+        _compiled_in_child(path, name, feature_dtype, bound_dtype, index_dtype)
         spec = importlib.util.spec_from_file_location(name, path)
         assert spec is not None and spec.loader is not None
         module = importlib.util.module_from_spec(spec)
@@ -357,6 +388,7 @@ def tree_shap(paths: PathEnsemble, x: np.ndarray) -> np.ndarray:
         raise ValueError(f"expected a matrix [N, {paths.n_features}], got shape {x.shape}")
     out = np.zeros((x.shape[0], paths.n_features), dtype=np.float64)
     if paths.n_paths:
-        paths.kernel(x, paths.groups, paths.elem_feature, paths.elem_lo, paths.elem_hi, paths.elem_nan,
-                       paths.elem_z, paths.path_value, out)
+        feature, lo, hi, nan_ok, index = paths.conditions
+        paths.kernel(x, paths.groups, paths.elem_feature, feature, lo, hi, nan_ok, index, paths.elem_z,
+                     paths.path_value, out)
     return out

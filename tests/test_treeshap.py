@@ -61,6 +61,21 @@ def test_deep_paths_match_shap(deep: tuple[Any, np.ndarray, Any, treeshap.PathEn
     assert np.max(np.abs(paths.base_value + phi.sum(axis=1) - margin)) < 1e-9
 
 
+def test_each_element_is_tested_through_its_own_condition(deep: tuple[Any, np.ndarray, Any, treeshap.PathEnsemble]
+                                                          ) -> None:
+    """The kernel tests a row once per distinct condition; every element's condition is its own (feature,
+    bounds, where a missing value goes), and shared conditions are shared."""
+    _, _, _, paths = deep
+    feature, lo, hi, nan_ok, index = paths.conditions
+    assert index.shape == paths.elem_feature.shape and feature.size < paths.elem_feature.size
+    np.testing.assert_array_equal(feature[index], paths.elem_feature)
+    np.testing.assert_array_equal(lo[index], paths.elem_lo)  # (NaN where unbounded below, on both sides)
+    np.testing.assert_array_equal(hi[index], paths.elem_hi)
+    np.testing.assert_array_equal(nan_ok[index], paths.elem_nan)
+    assert len({(int(f), float(a), float(b), bool(k)) for f, a, b, k in zip(feature, np.nan_to_num(lo, nan=-np.inf),
+                                                                         hi, nan_ok, strict=True)}) == feature.size
+
+
 def test_a_row_gets_the_same_bits_alone_or_in_a_batch(deep: tuple[Any, np.ndarray, Any, treeshap.PathEnsemble]) -> None:
     _, rows, _, paths = deep
     batch = tree_shap(paths, rows[:40])
