@@ -52,12 +52,11 @@ class EncodedRows:
 
     def take(self, index: Sequence[int] | slice) -> EncodedRows:
         """The rows at ``index`` (a list of positions or a slice), with their digests and features."""
-        if isinstance(index, slice):
-            return EncodedRows(self.matrix[index], None if self.features is None else self.features[index],
-                        None if self.digests is None else self.digests[index])
-        index = list(index)
-        return EncodedRows(self.matrix[index], None if self.features is None else self.features[index],
-                    None if self.digests is None else [self.digests[i] for i in index])
+        pick = index if isinstance(index, slice) else list(index)
+        digests = self.digests
+        if digests is not None:
+            digests = digests[pick] if isinstance(pick, slice) else [digests[i] for i in pick]
+        return EncodedRows(self.matrix[pick], None if self.features is None else self.features[pick], digests)
 
 
 class Scorer:
@@ -75,8 +74,8 @@ class Scorer:
             self.explain_error = str(exc)
 
     def score(self, rows: np.ndarray | EncodedRows) -> list[ScoreResult]:
-        """Score a float32 matrix [N, len(COLUMNS)] (NaN = missing). Given :class:`EncodedRows` of an explainable
-        model, the same run of the graph also sets their ``features``."""
+        """Score a float32 matrix [N, len(COLUMNS)] (NaN = missing). Given :class:`EncodedRows` of an
+        explainable model, the same run of the graph also sets their ``features``."""
         if len(rows) == 0:
             return []
         version = self.version

@@ -27,10 +27,10 @@ it on SIMD lanes, several paths at a time (AVX-512 / AVX2 where the CPU has them
 one pass deciding which distinct conditions (feature, bounds, where a missing value goes) the row meets (a
 lookup of its value and two comparisons, no branches; ~10,000 conditions for the ~55,000 elements of the
 served model, since the first splits of a tree lie on most of its paths), one pass giving each element its
-condition's result, the unrolled group loops, and one pass adding each element's share to its
-feature (into four interleaved partial sums, so consecutive adds do not wait on each other, summed in a
-fixed order). No fused
-multiply-add contraction and no fast-math: the same row gives the same bits on any x86-64 host.
+condition's result, the unrolled group loops, and one pass adding each element's share to its feature
+(into four interleaved partial sums, so consecutive adds do not wait on each other, summed in a fixed
+order). No fused multiply-add contraction and no fast-math: the same row gives the same bits on any
+x86-64 host.
 
 The generated source is written to a module in a private cache directory (numba's disk cache
 needs a file), named by the hash of its text, so workers and restarts load the compiled code

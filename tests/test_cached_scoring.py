@@ -249,6 +249,10 @@ async def test_the_scoring_run_gives_the_explanations_their_features(model, cach
     assert rows.digests == matrix_digests(m)
     assert rows.features is not None and rows.features.dtype == np.float32
     np.testing.assert_array_equal(rows.features, model.transform(m))  # (NaN where a value is missing)
+    for part, index in ((rows.take([9, 0, 5]), [9, 0, 5]), (rows.take(slice(2, 6)), [2, 3, 4, 5])):
+        assert part.digests == [rows.digests[i] for i in index]  # (the explain threads take slices)
+        np.testing.assert_array_equal(part.features, rows.features[index])
+        np.testing.assert_array_equal(part.matrix, m[index])
 
     async def compute(s: Scorer, r: EncodedRows) -> list[list[str]]:
         return s.reason_codes(r)

@@ -21,8 +21,8 @@ answers on a private copy of its stdout (its stdout itself goes to stderr, the w
 frame carries the URL (never the command line, which ``ps`` shows) and the child's CPU priority (``nice``,
 ``audit.store_process_nice``): on a busy host the serving processes come first and the writes fill the
 gaps; if they cannot keep up, the writer's bounded queue makes calls wait (backpressure), as before. It
-exits when the worker closes the store or when its stdin reaches end of file (the worker died). Pickle is safe here: both ends are this
-worker and the child it started, over pipes nobody else holds.
+exits when the worker closes the store or when its stdin reaches end of file (the worker died). Pickle is
+safe here: both ends are this worker and the child it started, over pipes nobody else holds.
 """
 
 from __future__ import annotations

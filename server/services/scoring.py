@@ -77,8 +77,8 @@ class ScoringService(scoring_pb2_grpc.ScoringServiceServicer):
         self._inline_rows = settings.model.inline_explain_rows
         self._explain_pool = ThreadPoolExecutor(self._explain_threads, thread_name_prefix="explain")
 
-    async def _shap_work(self, scorer: Scorer, fn: Callable[[EncodedRows], list[T]], matrix: np.ndarray | EncodedRows,
-                       what: str) -> list[T]:
+    async def _shap_work(self, scorer: Scorer, fn: Callable[[EncodedRows], list[T]],
+                         matrix: np.ndarray | EncodedRows, what: str) -> list[T]:
         """``fn(matrix)`` (TreeSHAP work): for a batch in the explain thread pool (split over its threads), so
         the event loop keeps serving; for up to ``model.inline_explain_rows`` rows on the loop itself."""
         matrix = EncodedRows.of(matrix)
@@ -195,9 +195,9 @@ class ScoringService(scoring_pb2_grpc.ScoringServiceServicer):
         if want:
             deadline.check(context, "explanation")
         subset = scoring if len(want) == len(rows) else scoring.take(want)
-        # The SHAP task starts when this coroutine next yields (the await below), after the predictions and the
-        # portfolio are filled in: its explain threads keep both cores busy, so filling in alongside them would
-        # only share the cores (starting it first, with a turn of the loop, measured no faster).
+        # The SHAP task starts when this coroutine next yields (the await below), after the predictions and
+        # the portfolio are filled in: its explain threads keep both cores busy, so filling in alongside them
+        # would only share the cores (starting it first, with a turn of the loop, measured no faster).
         pending: asyncio.Future[list[Any]] | None = asyncio.ensure_future(
             self._explain(scorer, subset) if top_k is not None else self._reasons(scorer, subset)) if want else None
         predictions = [results[i].prediction for i in positions]  # (each lookup makes a new wrapper: once)
