@@ -34,14 +34,16 @@ x86-64 host.
 
 The generated source is written to a module in a private cache directory (numba's disk cache
 needs a file), named by the hash of its text, so workers and restarts load the compiled code
-instead of compiling again. The first compile (~0.5-1.5 s per length, ~12-15 s for the served
+instead of compiling again. The first compile (~0.5-1.5 s per length, ~12-20 s for the served
 model, mostly holding the GIL) runs in a child process, so a model version loading in a thread of a
-serving process does not stall its event loop; the process then loads the compiled code. The kernel runs without the GIL
+serving process does not stall its event loop, and one process at a time (a lock file), so the
+workers of a first start compile it once; they then load the compiled code. The kernel runs without the GIL
 (``nogil``), so a thread can explain while the event loop serves.
 """
 
 from __future__ import annotations
 
+import fcntl
 import functools
 import hashlib
 import importlib.util
@@ -51,6 +53,7 @@ import stat
 import subprocess  # nosec B404 - runs our own interpreter on our generated module
 import sys
 import tempfile
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -337,22 +340,38 @@ module.warm(feature_dtype, bound_dtype, index_dtype)
 def _compiled_in_child(path: Path, name: str, feature_dtype: str, bound_dtype: str, index_dtype: str) -> bool:
     """Compile the kernel of the module at ``path`` in a child process, unless numba's cache beside it has it.
 
-    Compiling takes ~12-15 s of CPU, most of it holding the GIL: in this process, while a new model version
+    Compiling takes ~12-20 s of CPU, most of it holding the GIL: in this process, while a new model version
     loads in a thread, the event loop would stall that long. The child fills numba's disk cache; this process
-    then loads the compiled code (~0.1-1 s). False when the child failed (then this process compiles)."""
-    if any((path.parent / "__pycache__").glob(f"{name}.shap_rows-*.nbi")):
+    then loads the compiled code (~0.1-1 s). Processes compiling the same kernel at once (the workers of a
+    first start) take turns on a lock file beside it: one compiles, the others wait and then load. False
+    when the child failed (then this process compiles)."""
+    def cached() -> bool:
+        return any((path.parent / "__pycache__").glob(f"{name}.shap_rows-*.nbi"))
+
+    if cached():
         return True
-    try:
-        args = [str(path), name, feature_dtype, bound_dtype, index_dtype]
-        done = subprocess.run([sys.executable, "-c", _WARM, *args],  # noqa: S603  # nosec B603 - our interpreter, our generated module
-                              capture_output=True, text=True, timeout=900, check=False)
-    except (OSError, subprocess.SubprocessError) as exc:
-        log.warning("TreeSHAP kernel: compiling in a child process failed (%s); compiling here", exc)
-        return False
-    if done.returncode != 0:
-        log.warning("TreeSHAP kernel: compiling in a child process failed (exit %s): %s; compiling here",
-                    done.returncode, done.stderr.strip()[-2000:])
-        return False
+    with path.with_suffix(".lock").open("a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes (or this process dies)
+        if cached():  # another process compiled it while this one waited
+            return True
+        log.info("TreeSHAP kernel: compiling it for this model's path lengths (once per model shape, "
+                 "~15-30 s; later starts load it from %s)", path.parent)
+        started = time.monotonic()
+        # The child runs only the generated module and numba: a coverage tracer inherited from a measured
+        # parent (`make test COVERAGE=1`) would measure nothing of ours and slow numba's compiler 2-3x.
+        env = {k: v for k, v in os.environ.items() if k not in ("COVERAGE_PROCESS_CONFIG", "COVERAGE_PROCESS_START")}
+        try:
+            args = [str(path), name, feature_dtype, bound_dtype, index_dtype]
+            done = subprocess.run([sys.executable, "-c", _WARM, *args],  # noqa: S603  # nosec B603 - our interpreter, our generated module
+                                  capture_output=True, text=True, timeout=900, check=False, env=env)
+        except (OSError, subprocess.SubprocessError) as exc:
+            log.warning("TreeSHAP kernel: compiling in a child process failed (%s); compiling here", exc)
+            return False
+        if done.returncode != 0:
+            log.warning("TreeSHAP kernel: compiling in a child process failed (exit %s): %s; compiling here",
+                        done.returncode, done.stderr.strip()[-2000:])
+            return False
+        log.info("TreeSHAP kernel: compiled in %.1f s", time.monotonic() - started)
     return True
 
 

@@ -52,7 +52,15 @@ def trained_model(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-
 
 @pytest.fixture(scope="session")
 def model_dir(trained_model) -> Path:  # type: ignore[no-untyped-def]
-    """A small model (synthetic data, fixed seed) in a fresh model store, built once per run."""
+    """A small model (synthetic data, fixed seed) in a fresh model store, built once per run.
+
+    Its TreeSHAP kernel is compiled here, once (~15-30 s on a fresh clone), so that no server the tests
+    start spends its start-up timeout compiling it (a first compile is tested in tests/test_treeshap.py).
+    """
+    from server.explain import explainer_for
+    from server.model import load_model
+
+    explainer_for(load_model(trained_model.model_dir))
     return trained_model.model_dir
 
 

@@ -8,6 +8,7 @@ LightGBM model is the reference.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -154,11 +155,14 @@ def test_first_compile_runs_in_a_child_process(tmp_path: Path, monkeypatch: pyte
     paths = _small_ensemble()
     assert paths.lengths == (1, 2, 3)
     monkeypatch.setattr(treeshap, "_kernel_dirs", lambda: [tmp_path / "kernels"])
+    # a measured parent's coverage tracer is not handed down (it would only slow numba's compiler)
+    monkeypatch.setenv("COVERAGE_PROCESS_START", str(tmp_path / "no-such-coveragerc"))
     children: list[list[str]] = []
     real_run = subprocess.run
 
     def spy(args: list[str], **kwargs: Any) -> Any:
         children.append(args)
+        assert not {"COVERAGE_PROCESS_START", "COVERAGE_PROCESS_CONFIG"} & set(kwargs["env"])
         return real_run(args, **kwargs)
 
     monkeypatch.setattr(treeshap.subprocess, "run", spy)
@@ -172,3 +176,32 @@ def test_first_compile_runs_in_a_child_process(tmp_path: Path, monkeypatch: pyte
     assert len(children) == 1 and children[0][0] == sys.executable
     assert list((tmp_path / "kernels" / "__pycache__").glob("credscope_treeshap_*.nbi"))
     treeshap._compiled_kernel.cache_clear()
+
+
+def test_processes_starting_at_once_compile_the_kernel_once(tmp_path: Path) -> None:
+    """The workers of a first start all need the new kernel: one compiles it, the others wait on its lock
+    file and load what it compiled (every one of them explains correctly)."""
+    kernels = tmp_path / "kernels"
+    code = f"""
+import json, logging, sys
+import numpy as np
+logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="%(message)s")
+from server import treeshap
+treeshap._kernel_dirs = lambda: [__import__('pathlib').Path({str(kernels)!r})]
+from tests.test_treeshap import _small_ensemble
+paths = _small_ensemble()
+phi = treeshap.tree_shap(paths, np.array([[0.0, 0.0, 0.0], [1.0, 1.0, 1.0]]))
+print("sums", json.dumps((phi.sum(axis=1) + paths.base_value).tolist()))
+"""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    procs = [subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True, env=env) for _ in range(3)]
+    outs = []
+    for proc in procs:
+        out, _ = proc.communicate(timeout=300)
+        assert proc.returncode == 0, out
+        outs.append(out)
+    assert sum(out.count("TreeSHAP kernel: compiling it") for out in outs) == 1, outs
+    for out in outs:
+        sums = [line for line in out.splitlines() if line.startswith("sums ")]
+        assert sums and np.allclose(json.loads(sums[0][5:]), [1.0, 4.0], atol=1e-12), out
