@@ -92,20 +92,27 @@ def test_load_generator_is_bounded_by_count_and_by_time(tmp_path: Path) -> None:
 def test_a_short_bench_run_end_to_end(model_dir: Path, tmp_path: Path) -> None:
     out_json = tmp_path / "bench.json"
     out = subprocess.run(
-        [sys.executable, "-m", "tools.bench", "--model-dir", str(model_dir), "--configs", "embedded",
+        [sys.executable, "-m", "tools.bench", "--model-dir", str(model_dir), "--configs", "embedded,audit-off",
          "--scenarios", "score-miss,score-hit,batch-100", "--concurrency", "2", "--batch-concurrency", "1",
          "--moderate", "2", "--duration", "0.5", "--warmup", "0.1", "--requests", "200", "--batch-applicants", "500",
          "--no-mlserver", "--workers", "2", "--processes", "1", "--rounds", "2", "--out", str(out_json)],
         capture_output=True, text=True, timeout=240, cwd=tmp_path, env={**base_env(), "PYTHONPATH": str(ROOT)})
     assert out.returncode == 0, out.stderr[-2000:]
     report = json.loads(out_json.read_text())
-    rows = {(r["system"], r["scenario"]): r for r in report["rows"]}
+    rows = {(r["system"], r["scenario"]): r for r in report["rows"] if r["config"] != "audit-off"}
     miss = rows[("credscope", "score-miss")]
     assert miss["status"] == "ok" and miss["requests"] > 0 and miss["errors"] == 0 and miss["server_cpu_us"] > 0
     assert rows[("credscope", "batch-100")]["requests"] > 0
     echo = rows[("echo", "score-miss")]
     assert echo["status"] == "ok" and len(echo["rounds"]) == 2 and "interleaved" in echo["note"]
     assert len(miss["rounds"]) == 2  # CredScope and echo measured turn by turn
+    # the audit-off server ran beside the embedded one, measured in the same rounds, Score only
+    off = [r for r in report["rows"] if r["config"] == "audit-off"]
+    assert [(r["scenario"], r["status"], len(r["rounds"])) for r in off] == [("score-miss", "ok", 2)]
+    assert off[0]["errors"] == 0 and "interleaved" in off[0]["note"]
+    audit = next(t for t in report["targets"] if t["target"].startswith("audit on vs off"))
+    assert audit["measured"] is not None
+    assert any("credscope [embedded] audit trail:" in n for n in report["notes"])
     hit = rows[("credscope", "score-hit")]
     assert hit["status"] == "ok" or hit["status"].startswith("skipped: feature not available")
     assert report["ratios"]["score_vs_echo"] > 0

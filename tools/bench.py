@@ -10,7 +10,8 @@ Configurations (full chain on: request id, auth, rate limit, audit, cache):
 
 * ``embedded`` — the embedded backends (in-process cache and buckets, SQLite keys and audit).
 * ``audit-off`` — the same with ``CREDSCOPE_AUDIT__ENABLED=false`` (Score cache miss only), for the
-  cost of the audit trail.
+  cost of the audit trail; with ``embedded`` it runs beside that server and the two are measured turn by
+  turn (with the references).
 * ``networked`` — Redis (cache, rate limit) and PostgreSQL (keys, audit) at ``--redis-url`` and
   ``--postgres-dsn``; skipped when they are unreachable.
 
@@ -436,6 +437,17 @@ class Peer:
 
 
 @dataclass
+class Running:
+    """A credscope-server started in one configuration."""
+
+    config: str
+    server: Started
+    metadata: tuple[tuple[str, str], ...]
+    env: dict[str, str]
+    folder: Path
+
+
+@dataclass
 class Bench:
     args: argparse.Namespace
     rows: list[Row] = field(default_factory=list)
@@ -444,6 +456,9 @@ class Bench:
     audit_rows: dict[str, int | None] = field(default_factory=dict)
     """Prediction rows the audit trail held after each configuration with audit on (None: no audit trail)."""
     run_id: str = field(default_factory=lambda: uuid.uuid4().hex[:8])
+    audit_off: Running | None = None
+    """The audit-off server, kept running beside the embedded one (see :meth:`run`)."""
+    audit_off_measured: bool = False
 
     def __post_init__(self) -> None:
         self.workdir = Path(tempfile.mkdtemp(prefix="credscope-bench-"))
@@ -562,21 +577,34 @@ class Bench:
         return (("x-api-key", create_key(env, folder)),), "API key created with credscope-keys (enterprise tier)"
 
     def run_credscope(self, config: str) -> None:
+        started = self.start_credscope(config)
+        if started is None:
+            return
+        try:
+            self._run_scenarios(started)
+        finally:
+            self.stop_credscope(started)
+
+    def scenarios_of(self, config: str) -> list[str]:
+        return [s for s in self.args.scenarios if config != "audit-off" or s == "score-miss"]
+
+    def start_credscope(self, config: str) -> Running | None:
+        """Start ``credscope-server`` in ``config``; None (its scenarios reported skipped) when it cannot run."""
         a = self.args
         folder = self.workdir / config
         folder.mkdir(parents=True, exist_ok=True)
         env, why = self.config_env(config, folder)
-        scenarios = [s for s in a.scenarios if config != "audit-off" or s == "score-miss"]
+        scenarios = self.scenarios_of(config)
         if env is None:
             for s in scenarios:
                 self.skip("credscope", config, s, why)
-            return
+            return None
         try:
             metadata, auth = self.api_key(env, folder)
         except Exception as e:  # noqa: BLE001
             for s in scenarios:
                 self.skip("credscope", config, s, f"API key step failed: {e}")
-            return
+            return None
         say(f"credscope [{config}] {a.workers} workers, auth: {auth}")
         cmd = [sys.executable, "-m", "server.main", "--host", "127.0.0.1", "--port", "0", "--model-dir",
                str(a.model_dir.resolve()), "--workers", str(a.workers)]
@@ -585,18 +613,18 @@ class Bench:
         except RuntimeError as e:
             for s in scenarios:
                 self.skip("credscope", config, s, f"server did not start: {e}")
-            return
-        try:
-            self._run_scenarios(config, server, metadata, scenarios)
-        finally:
-            status = server.stop()
-            if status not in (0, None):
-                self.notes.append(f"credscope [{config}] exited with status {status}: {server.tail(5)}")
-        self._check_backends(config, env, folder)
+            return None
+        return Running(config, server, metadata, env, folder)
 
-    def _run_scenarios(self, config: str, server: Started, md: tuple[tuple[str, str], ...],
-                       scenarios: list[str]) -> None:
+    def stop_credscope(self, running: Running) -> None:
+        status = running.server.stop()
+        if status not in (0, None):
+            self.notes.append(f"credscope [{running.config}] exited with status {status}: {running.server.tail(5)}")
+        self._check_backends(running.config, running.env, running.folder)
+
+    def _run_scenarios(self, running: Running) -> None:
         a = self.args
+        config, server, md, scenarios = running.config, running.server, running.metadata, self.scenarios_of(running.config)
         probe_apps = self.applicants.take(101)
         found = in_child(_probe, server.target, md, score_requests(probe_apps[:1])[0],
                          score_requests(probe_apps[1:2], explain=True)[0], batch_requests(probe_apps[1:], 100)[0])
@@ -621,6 +649,12 @@ class Bench:
                     runs: list[tuple[Row, Callable[[], LoadSpec], int | None]] = [
                         (Row("credscope", config, scenario, c),
                          lambda c=c: self._spec_for("score-miss", server, c, md), server.proc.pid)]
+                    off = self.audit_off
+                    if off is not None:  # audit on vs off, turn by turn too
+                        runs.append((Row("credscope", off.config, scenario, c),
+                                     lambda c=c, off=off: self._spec_for("score-miss", off.server, c, off.metadata),
+                                     off.server.proc.pid))
+                        self.audit_off_measured = True
                     runs += [(Row(p.system, p.config, "score-miss", c, note=p.note),
                               lambda p=p, c=c: self.spec(p.target, p.method, p.payloads, c), p.pid) for p in self.peers]
                     self.interleaved(c, runs)
@@ -772,8 +806,15 @@ class Bench:
                 self.peers += self.start_echo()
             if a.mlserver:
                 self.peers += self.start_mlservers(version)
+            # audit on vs off: the audit-off server runs beside the embedded one and its Score is measured
+            # turn by turn with it (configurations measured minutes apart differed by ±10% on their own)
+            if "embedded" in a.configs and "audit-off" in a.configs and "score-miss" in a.scenarios:
+                self.audit_off = self.start_credscope("audit-off")
             for config in a.configs:
-                self.run_credscope(config)
+                if config != "audit-off" or "embedded" not in a.configs or "score-miss" not in a.scenarios:
+                    self.run_credscope(config)
+                elif self.audit_off is not None and not self.audit_off_measured:  # the embedded one could not run
+                    self._run_scenarios(self.audit_off)
             measured = {(r.system, r.config) for r in self.rows if r.system != "credscope" and r.concurrency}
             alone = [p for p in self.peers if (p.system, p.config) not in measured]  # no embedded score-miss run
             for c in a.concurrency if alone else []:
@@ -783,6 +824,8 @@ class Bench:
         finally:
             for p in self.peers:
                 p.stop()
+            if self.audit_off is not None:
+                self.stop_credscope(self.audit_off)
         return self.report(version, time.time() - started)
 
     def best(self, system: str, config: str | None, scenario: str, concurrency: int | None = None) -> Row | None:
@@ -798,7 +841,9 @@ class Bench:
         echo = self.best("echo", "-", "score-miss")
         mls = self.best("mlserver", None, "score-miss")  # MLServer's best configuration
         # audit on vs off means something only when the server has an audit trail
-        off = self.best("credscope", "audit-off", "score-miss") if self.audit_rows.get("embedded") else None
+        # (at the concurrency of the embedded server's best: measured in the same rounds)
+        off = self.best("credscope", "audit-off", "score-miss", miss.concurrency if miss else None) \
+            if self.audit_rows.get("embedded") else None
         moderate = self.best("credscope", "embedded", "score-miss", mod)
         hit = self.best("credscope", "embedded", "score-hit", mod)
         expl = self.best("credscope", "embedded", "score-explain", mod)
