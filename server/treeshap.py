@@ -43,6 +43,7 @@ workers of a first start compile it once; they then load the compiled code. The 
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import functools
 import hashlib
@@ -350,8 +351,11 @@ def _compiled_in_child(path: Path, name: str, feature_dtype: str, bound_dtype: s
 
     if cached():
         return True
-    with path.with_suffix(".lock").open("a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes (or this process dies)
+    with contextlib.ExitStack() as stack:
+        try:  # the lock is released when the file closes (or this process dies)
+            fcntl.flock(stack.enter_context(path.with_suffix(".lock").open("a")), fcntl.LOCK_EX)
+        except OSError as exc:  # (the directory is ours and writable; should it fail all the same, go on unlocked)
+            log.warning("TreeSHAP kernel: cannot lock %s (%s); compiling without the lock", path, exc)
         if cached():  # another process compiled it while this one waited
             return True
         log.info("TreeSHAP kernel: compiling it for this model's path lengths (once per model shape, "
