@@ -34,7 +34,7 @@ x86-64 host.
 
 The generated source is written to a module in a private cache directory (numba's disk cache
 needs a file), named by the hash of its text, so workers and restarts load the compiled code
-instead of compiling again. The first compile (~0.5-1.5 s per length, ~12-20 s for the served
+instead of compiling again. The first compile (~0.5-1.5 s per length, ~15-20 s for the served
 model, mostly holding the GIL) runs in a child process, so a model version loading in a thread of a
 serving process does not stall its event loop, and one process at a time (a lock file), so the
 workers of a first start compile it once; they then load the compiled code. The kernel runs without the GIL
@@ -338,36 +338,55 @@ module.warm(feature_dtype, bound_dtype, index_dtype)
 """
 
 
+def _compiled_marker(path: Path, name: str, *dtypes: str) -> Path:
+    """The file that says numba's disk cache holds this kernel for these argument types, this Python, this
+    numba and this cache directory (numba keeps its cache beside the module or under ``NUMBA_CACHE_DIR``)."""
+    import numba
+    from numba.core import config
+
+    key = repr((dtypes, sys.version, numba.__version__, getattr(config, "CACHE_DIR", "")))
+    return path.parent / f"{name}.{hashlib.sha256(key.encode()).hexdigest()[:16]}.compiled"
+
+
 def _compiled_in_child(path: Path, name: str, feature_dtype: str, bound_dtype: str, index_dtype: str) -> bool:
-    """Compile the kernel of the module at ``path`` in a child process, unless numba's cache beside it has it.
+    """Compile the kernel of the module at ``path`` in a child process, unless it was compiled before.
 
-    Compiling takes ~12-20 s of CPU, most of it holding the GIL: in this process, while a new model version
-    loads in a thread, the event loop would stall that long. The child fills numba's disk cache; this process
-    then loads the compiled code (~0.1-1 s). Processes compiling the same kernel at once (the workers of a
-    first start) take turns on a lock file beside it: one compiles, the others wait and then load. False
-    when the child failed (then this process compiles)."""
-    def cached() -> bool:
-        return any((path.parent / "__pycache__").glob(f"{name}.shap_rows-*.nbi"))
-
-    if cached():
+    Compiling takes ~15-20 s of CPU, most of it holding the GIL: in this process, while a new model version
+    loads in a thread, the event loop would stall that long. The child fills numba's disk cache and this
+    process then loads the compiled code (~0.1-1 s); a marker file beside the module records that it did.
+    Processes compiling the same kernel at once (the workers of a first start) take turns on a lock file
+    beside it: one compiles, the others wait and then load. The lock is passed to the child, so it lasts
+    while the child runs even if this process dies. False when the child failed (then this process compiles
+    on first use)."""
+    marker = _compiled_marker(path, name, feature_dtype, bound_dtype, index_dtype)
+    if marker.exists():
         return True
+    lock_file = path.with_suffix(".lock")
     with contextlib.ExitStack() as stack:
-        try:  # the lock is released when the file closes (or this process dies)
-            fcntl.flock(stack.enter_context(path.with_suffix(".lock").open("a")), fcntl.LOCK_EX)
+        fds: tuple[int, ...] = ()
+        try:  # released when every holder of the file (this process, the child) has closed it or died
+            lock = stack.enter_context(lock_file.open("a"))
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                log.info("TreeSHAP kernel: another process is compiling it; waiting for it (%s)", lock_file)
+                fcntl.flock(lock, fcntl.LOCK_EX)
+            fds = (lock.fileno(),)
         except OSError as exc:  # (the directory is ours and writable; should it fail all the same, go on unlocked)
-            log.warning("TreeSHAP kernel: cannot lock %s (%s); compiling without the lock", path, exc)
-        if cached():  # another process compiled it while this one waited
+            log.warning("TreeSHAP kernel: cannot lock %s (%s); compiling without the lock", lock_file, exc)
+        if marker.exists():  # another process compiled it while this one waited
             return True
-        log.info("TreeSHAP kernel: compiling it for this model's path lengths (once per model shape, "
-                 "~15-30 s; later starts load it from %s)", path.parent)
+        log.info("TreeSHAP kernel: compiling it for this model's path lengths (once per model shape and "
+                 "Python/numba version, ~15-20 s; later starts load it)")
         started = time.monotonic()
         # The child runs only the generated module and numba: a coverage tracer inherited from a measured
-        # parent (`make test COVERAGE=1`) would measure nothing of ours and slow numba's compiler 2-3x.
+        # parent (`make test COVERAGE=1`) would measure nothing of ours and slow numba's compiler 2-3x. (The
+        # environment is handed on, not read: settings still come from server.settings alone.)
         env = {k: v for k, v in os.environ.items() if k not in ("COVERAGE_PROCESS_CONFIG", "COVERAGE_PROCESS_START")}
         try:
             args = [str(path), name, feature_dtype, bound_dtype, index_dtype]
             done = subprocess.run([sys.executable, "-c", _WARM, *args],  # noqa: S603  # nosec B603 - our interpreter, our generated module
-                                  capture_output=True, text=True, timeout=900, check=False, env=env)
+                                  capture_output=True, text=True, timeout=900, check=False, env=env, pass_fds=fds)
         except (OSError, subprocess.SubprocessError) as exc:
             log.warning("TreeSHAP kernel: compiling in a child process failed (%s); compiling here", exc)
             return False
@@ -375,6 +394,11 @@ def _compiled_in_child(path: Path, name: str, feature_dtype: str, bound_dtype: s
             log.warning("TreeSHAP kernel: compiling in a child process failed (exit %s): %s; compiling here",
                         done.returncode, done.stderr.strip()[-2000:])
             return False
+        try:
+            marker.touch()
+        except OSError as exc:
+            log.warning("TreeSHAP kernel: cannot write %s (%s); the next start will check numba's cache again",
+                        marker, exc)
         log.info("TreeSHAP kernel: compiled in %.1f s", time.monotonic() - started)
     return True
 

@@ -8,10 +8,14 @@ LightGBM model is the reference.
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
 import json
+import logging
 import os
 import subprocess
 import sys
+import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -149,14 +153,24 @@ def _small_ensemble() -> treeshap.PathEnsemble:
                             np.array([[8.0, 6.0, 4.0, 2.0, 2.0, 2.0, 2.0]]), 0.0, 3)
 
 
-def test_first_compile_runs_in_a_child_process(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("numba_cache_dir", [False, True], ids=["cache beside the module", "NUMBA_CACHE_DIR"])
+def test_first_compile_runs_in_a_child_process(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                               numba_cache_dir: bool) -> None:
     """A new kernel compiles in a child process (the serving process only loads it from numba's cache, so
-    a model loading in a thread does not stall the event loop); a cached one starts no child."""
+    a model loading in a thread does not stall the event loop); a compiled one starts no child, wherever
+    numba keeps its cache (beside the module, or under ``NUMBA_CACHE_DIR`` as in the container image)."""
+    from numba.core import config
+
     paths = _small_ensemble()
     assert paths.lengths == (1, 2, 3)
     monkeypatch.setattr(treeshap, "_kernel_dirs", lambda: [tmp_path / "kernels"])
+    numba_dir = tmp_path / "numba-cache"
+    if numba_cache_dir:  # for the child (its environment) and for this process (numba read it at import)
+        monkeypatch.setenv("NUMBA_CACHE_DIR", str(numba_dir))
+        monkeypatch.setattr(config, "CACHE_DIR", str(numba_dir))
     # a measured parent's coverage tracer is not handed down (it would only slow numba's compiler)
     monkeypatch.setenv("COVERAGE_PROCESS_START", str(tmp_path / "no-such-coveragerc"))
+    monkeypatch.setenv("COVERAGE_PROCESS_CONFIG", "{}")
     children: list[list[str]] = []
     real_run = subprocess.run
 
@@ -174,34 +188,86 @@ def test_first_compile_runs_in_a_child_process(tmp_path: Path, monkeypatch: pyte
         phi = tree_shap(fresh, np.array([[0.0, 0.0, 0.0], [1.0, 1.0, 1.0]]))
         np.testing.assert_allclose(phi.sum(axis=1) + fresh.base_value, [1.0, 4.0], atol=1e-12)
     assert len(children) == 1 and children[0][0] == sys.executable
-    assert list((tmp_path / "kernels" / "__pycache__").glob("credscope_treeshap_*.nbi"))
+    beside = list((tmp_path / "kernels" / "__pycache__").glob("credscope_treeshap_*.nbi"))
+    under = list(numba_dir.rglob("credscope_treeshap_*.nbi"))
+    assert (under and not beside) if numba_cache_dir else (beside and not under)
+    assert len(list((tmp_path / "kernels").glob("credscope_treeshap_*.compiled"))) == 1
     treeshap._compiled_kernel.cache_clear()
+
+
+def _kernel_module(directory: Path) -> tuple[Path, str]:
+    """The generated module of :func:`_small_ensemble`'s kernel in ``directory`` (private), and its name."""
+    source = kernel_source((1, 2, 3))
+    name = "credscope_treeshap_" + hashlib.sha256(source.encode()).hexdigest()[:16]
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    (directory / f"{name}.py").write_text(source)
+    return directory / f"{name}.py", name
 
 
 def test_processes_starting_at_once_compile_the_kernel_once(tmp_path: Path) -> None:
     """The workers of a first start all need the new kernel: one compiles it, the others wait on its lock
-    file and load what it compiled (every one of them explains correctly)."""
+    file and load what it compiled (every one of them explains correctly). The test holds the lock until
+    the three are at it, so that they meet there."""
     kernels = tmp_path / "kernels"
+    module, _ = _kernel_module(kernels)
     code = f"""
 import json, logging, sys
-import numpy as np
+import numba, numpy as np
 logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="%(message)s")
 from server import treeshap
 treeshap._kernel_dirs = lambda: [__import__('pathlib').Path({str(kernels)!r})]
 from tests.test_treeshap import _small_ensemble
 paths = _small_ensemble()
+print("ready", flush=True)
 phi = treeshap.tree_shap(paths, np.array([[0.0, 0.0, 0.0], [1.0, 1.0, 1.0]]))
 print("sums", json.dumps((phi.sum(axis=1) + paths.base_value).tolist()))
 """
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    procs = [subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True, env=env) for _ in range(3)]
+    with module.with_suffix(".lock").open("a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        procs = [subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.PIPE,
+                                  stderr=subprocess.STDOUT, text=True, env=env) for _ in range(3)]
+        heads = []
+        for proc in procs:
+            assert proc.stdout is not None
+            head = ""
+            for line in proc.stdout:  # up to "ready" (or the end, if it failed)
+                head += line
+                if line.startswith("ready"):
+                    break
+            heads.append(head)
+        time.sleep(1.0)  # each of them has reached the lock by now
+        fcntl.flock(lock, fcntl.LOCK_UN)
     outs = []
-    for proc in procs:
+    for proc, head in zip(procs, heads, strict=True):
         out, _ = proc.communicate(timeout=300)
+        out = head + out
         assert proc.returncode == 0, out
         outs.append(out)
     assert sum(out.count("TreeSHAP kernel: compiling it") for out in outs) == 1, outs
+    assert sum(out.count("another process is compiling it; waiting") for out in outs) >= 2, outs
     for out in outs:
         sums = [line for line in out.splitlines() if line.startswith("sums ")]
         assert sums and np.allclose(json.loads(sums[0][5:]), [1.0, 4.0], atol=1e-12), out
+
+
+def test_a_failed_compile_lets_go_of_the_lock_and_leaves_no_marker(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                   caplog: pytest.LogCaptureFixture) -> None:
+    """A child that fails is reported (the process then compiles on first use); the lock is free again for
+    the next process, and nothing claims the kernel is compiled. A lock that cannot be taken is reported too,
+    and the compile goes on without it."""
+    module, name = _kernel_module(tmp_path / "kernels")
+    monkeypatch.setattr(treeshap, "_WARM", "import sys; sys.exit(3)")
+    caplog.set_level(logging.INFO, logger="server.treeshap")
+    for _ in range(2):  # the second call would hang on a lock left held
+        assert treeshap._compiled_in_child(module, name, "uint16", "float32", "uint16") is False
+    assert caplog.text.count("failed (exit 3)") == 2
+    assert not list(module.parent.glob("*.compiled"))
+
+    def no_lock(*args: Any) -> None:
+        raise OSError("no locks here")
+
+    monkeypatch.setattr(treeshap.fcntl, "flock", no_lock)
+    caplog.clear()
+    assert treeshap._compiled_in_child(module, name, "uint16", "float32", "uint16") is False
+    assert "cannot lock" in caplog.text and "failed (exit 3)" in caplog.text
