@@ -121,6 +121,25 @@ def test_a_short_bench_run_end_to_end(model_dir: Path, tmp_path: Path) -> None:
     assert out_json.with_suffix(".png").stat().st_size > 10_000
 
 
+def test_audit_off_is_measured_beside_embedded_in_any_order_and_without_references(model_dir: Path,
+                                                                                    tmp_path: Path) -> None:
+    """Listed before embedded, and with no reference server to interleave with, audit-off is still measured
+    in the embedded server's rounds, once per level; the audit cost is the median over the levels."""
+    out_json = tmp_path / "bench.json"
+    out = subprocess.run(
+        [sys.executable, "-m", "tools.bench", "--model-dir", str(model_dir), "--configs", "audit-off,embedded",
+         "--scenarios", "score-miss", "--concurrency", "1,2", "--moderate", "2", "--duration", "0.3",
+         "--warmup", "0.1", "--requests", "100", "--no-echo", "--no-mlserver", "--workers", "1", "--processes", "1",
+         "--rounds", "2", "--out", str(out_json)],
+        capture_output=True, text=True, timeout=240, cwd=tmp_path, env={**base_env(), "PYTHONPATH": str(ROOT)})
+    assert out.returncode == 0, out.stderr[-2000:]
+    report = json.loads(out_json.read_text())
+    rows = [(r["config"], r["concurrency"], r["status"], len(r.get("rounds", []))) for r in report["rows"]]
+    assert sorted(rows) == [("audit-off", 1, "ok", 2), ("audit-off", 2, "ok", 2),
+                            ("embedded", 1, "ok", 2), ("embedded", 2, "ok", 2)], rows
+    assert report["ratios"]["audit_cost"] is not None and report["ratios"]["cpu_audit_cost"] is not None
+
+
 def test_in_process_handler_bench_runs(model_dir: Path) -> None:
     """`python -m tools.bench_handler` (the README's in-process figures) has --help and runs a short round,
     also with parts switched off."""
