@@ -338,6 +338,11 @@ module.warm(feature_dtype, bound_dtype, index_dtype)
 """
 
 
+def kernel_name(source: str) -> str:
+    """The generated module's name: named by its text, so that a changed kernel is a new module."""
+    return "credscope_treeshap_" + hashlib.sha256(source.encode()).hexdigest()[:16]
+
+
 def _compiled_marker(path: Path, name: str, *dtypes: str) -> Path:
     """The file that says numba's disk cache holds this kernel for these argument types, this Python, this
     numba and this cache directory (numba keeps its cache beside the module or under ``NUMBA_CACHE_DIR``)."""
@@ -407,7 +412,7 @@ def _compiled_in_child(path: Path, name: str, feature_dtype: str, bound_dtype: s
 def _compiled_kernel(lengths: tuple[int, ...], feature_dtype: str, bound_dtype: str,
                      index_dtype: str) -> Callable[..., None]:
     source = kernel_source(lengths)
-    name = "credscope_treeshap_" + hashlib.sha256(source.encode()).hexdigest()[:16]
+    name = kernel_name(source)
     module = sys.modules.get(name)
     if module is None:
         path = _module_file(source, name)

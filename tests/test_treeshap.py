@@ -9,7 +9,6 @@ LightGBM model is the reference.
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import json
 import logging
 import os
@@ -198,7 +197,7 @@ def test_first_compile_runs_in_a_child_process(tmp_path: Path, monkeypatch: pyte
 def _kernel_module(directory: Path) -> tuple[Path, str]:
     """The generated module of :func:`_small_ensemble`'s kernel in ``directory`` (private), and its name."""
     source = kernel_source((1, 2, 3))
-    name = "credscope_treeshap_" + hashlib.sha256(source.encode()).hexdigest()[:16]
+    name = treeshap.kernel_name(source)
     directory.mkdir(mode=0o700, parents=True, exist_ok=True)
     (directory / f"{name}.py").write_text(source)
     return directory / f"{name}.py", name

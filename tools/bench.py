@@ -459,8 +459,6 @@ class Bench:
     run_id: str = field(default_factory=lambda: uuid.uuid4().hex[:8])
     audit_off: Running | None = None
     """The audit-off server, kept running beside the embedded one (see :meth:`run`)."""
-    audit_off_measured: bool = False
-    """Whether the audit-off server was measured in the embedded server's interleaved rounds."""
 
     def __post_init__(self) -> None:
         self.workdir = Path(tempfile.mkdtemp(prefix="credscope-bench-"))
@@ -659,7 +657,6 @@ class Bench:
                         runs.append((Row("credscope", off.config, scenario, c),
                                      lambda c=c, off=off: self._spec_for("score-miss", off.server, c, off.metadata),
                                      off.server.proc.pid))
-                        self.audit_off_measured = True
                     runs += [(Row(p.system, p.config, "score-miss", c, note=p.note),
                               lambda p=p, c=c: self.spec(p.target, p.method, p.payloads, c), p.pid) for p in self.peers]
                     self.interleaved(c, runs)
@@ -844,7 +841,7 @@ class Bench:
         if off is None:
             return
         try:
-            if not self.audit_off_measured:
+            if not any(r.config == off.config for r in self.rows):  # not measured in embedded's rounds
                 self._run_scenarios(off)
         finally:
             self.stop_credscope(off)
