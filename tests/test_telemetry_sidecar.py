@@ -124,28 +124,41 @@ def test_sidecar_sums_the_workers_while_they_serve(stack, model) -> None:  # typ
 
     n_ok = sum(done)
     scored = n_ok + 2 * 3
-    # Workers write their buffered metrics every 0.25 s: wait (bounded) for the last ones.
+    # Workers write their buffered metrics every 0.25 s, series by series (a scrape can land between a
+    # worker's counters and its histograms): wait (bounded) until every final figure is in, then check them.
+    def figures(m: dict[str, float]) -> dict[str, float]:
+        return {
+            "Score OK": total(m, "credscope_grpc_requests_total", method="Score", code="OK"),
+            "Score INVALID_ARGUMENT": total(m, "credscope_grpc_requests_total", method="Score",
+                                            code="INVALID_ARGUMENT"),
+            "BatchScore OK": total(m, "credscope_grpc_requests_total", method="BatchScore", code="OK"),
+            "Score durations": total(m, "credscope_grpc_request_duration_seconds_count", method="Score"),
+            "Score OK durations": total(m, "credscope_grpc_request_duration_seconds_bucket", method="Score",
+                                        code="OK", le="+Inf"),
+            "predictions": total(m, "credscope_predictions_total"),
+            "probabilities": total(m, "credscope_default_probability_count"),
+            "invalid-argument errors": total(m, "credscope_prediction_errors_total", type="invalid_argument"),
+            # Every scored row went through the prediction cache: a hit, or a miss that the model scored.
+            "cache lookups": total(m, "credscope_cache_hits_total", cache="prediction")
+            + total(m, "credscope_cache_misses_total", cache="prediction"),
+            "rows inferred - cache misses": total(m, "credscope_inference_rows_total")
+            - total(m, "credscope_cache_misses_total", cache="prediction"),
+        }
+
+    expected = {"Score OK": n_ok, "Score INVALID_ARGUMENT": 2 * INVALID_PER_WORKER, "BatchScore OK": 2,
+                "Score durations": n_ok + 2 * INVALID_PER_WORKER, "Score OK durations": n_ok,
+                "predictions": scored, "probabilities": scored,
+                "invalid-argument errors": 2 * (INVALID_PER_WORKER + 2), "cache lookups": scored,
+                "rows inferred - cache misses": 0}
     deadline = time.monotonic() + 15
     while True:
         m = samples(sidecar.get("/metrics")[1])
-        if total(m, "credscope_predictions_total") >= scored and \
-                total(m, "credscope_grpc_requests_total", method="BatchScore") >= 2 or time.monotonic() > deadline:
+        if figures(m) == expected or time.monotonic() > deadline:
             break
         time.sleep(0.1)
-    assert total(m, "credscope_grpc_requests_total", method="Score", code="OK") == n_ok
-    assert total(m, "credscope_grpc_requests_total", method="Score", code="INVALID_ARGUMENT") == 2 * INVALID_PER_WORKER
-    assert total(m, "credscope_grpc_requests_total", method="BatchScore", code="OK") == 2
-    assert total(m, "credscope_grpc_request_duration_seconds_count", method="Score") == n_ok + 2 * INVALID_PER_WORKER
-    assert total(m, "credscope_grpc_request_duration_seconds_bucket", method="Score", code="OK", le="+Inf") == n_ok
-    assert total(m, "credscope_predictions_total") == scored
-    assert total(m, "credscope_default_probability_count") == scored
-    # Every scored row went through the prediction cache: a hit, or a miss that the model scored.
-    hits = total(m, "credscope_cache_hits_total", cache="prediction")
-    misses = total(m, "credscope_cache_misses_total", cache="prediction")
-    assert hits + misses == scored and hits > 0
-    assert total(m, "credscope_inference_rows_total") == misses
+    assert figures(m) == expected
+    assert total(m, "credscope_cache_hits_total", cache="prediction") > 0
     assert 0 < total(m, "credscope_inference_duration_seconds_count") <= n_ok + 2
-    assert total(m, "credscope_prediction_errors_total", type="invalid_argument") == 2 * (INVALID_PER_WORKER + 2)
     assert total(m, "credscope_server_workers") == 2
     assert len([k for k in m if k.startswith("credscope_process_resident_memory_bytes{")]) == 2
     assert total(m, "credscope_process_cpu_seconds_total") > 0
