@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from credscope.v1 import scoring_pb2
 from tests.helpers import ROOT
 from tools.bench import (
@@ -89,11 +91,30 @@ def test_load_generator_is_bounded_by_count_and_by_time(tmp_path: Path) -> None:
         assert server.stop() == 0
 
 
+def test_open_loop_load_keeps_its_rate_and_bounds(tmp_path: Path) -> None:
+    """An open-loop run sends at the offered rate (Poisson arrivals), whatever the server does, and stops on
+    time or when its payloads run out."""
+    server = start_process([sys.executable, "-m", "tools.bench_peers", "echo", "--port", "0", "--workers", "1"],
+                           base_env(), tmp_path, tmp_path / "echo.log", timeout=60)
+    try:
+        payloads = [f"request {i}".encode() for i in range(2000)]
+        res = run_load(LoadSpec(target=server.target, method=ECHO_METHOD, payloads=payloads, rate=200,
+                                concurrency=16, processes=2, duration=2, warmup=0.1))
+        assert res.errors == 0 and res.rate == 200
+        assert 200 <= res.requests <= 600 and 140 <= res.rps <= 260  # ~400 calls over 2 s (Poisson)
+        assert 0 < res.p50 <= res.p99 <= res.max
+        few = run_load(LoadSpec(target=server.target, method=ECHO_METHOD, payloads=payloads[:50], unique=True,
+                                rate=1000, concurrency=16, processes=1, duration=30, warmup=0))
+        assert few.requests == 50 and few.seconds < 5  # every unique payload once, then it stops
+    finally:
+        assert server.stop() == 0
+
+
 def test_a_short_bench_run_end_to_end(model_dir: Path, tmp_path: Path) -> None:
     out_json = tmp_path / "bench.json"
     out = subprocess.run(
         [sys.executable, "-m", "tools.bench", "--model-dir", str(model_dir), "--configs", "embedded,audit-off",
-         "--scenarios", "score-miss,score-hit,batch-100", "--concurrency", "2", "--batch-concurrency", "1",
+         "--scenarios", "score-moderate,score-miss,score-hit,batch-100", "--concurrency", "2", "--batch-concurrency", "1",
          "--moderate", "2", "--duration", "0.5", "--warmup", "0.1", "--requests", "200", "--batch-applicants", "500",
          "--no-mlserver", "--workers", "2", "--processes", "1", "--rounds", "2", "--out", str(out_json)],
         capture_output=True, text=True, timeout=240, cwd=tmp_path, env={**base_env(), "PYTHONPATH": str(ROOT)})
@@ -116,6 +137,13 @@ def test_a_short_bench_run_end_to_end(model_dir: Path, tmp_path: Path) -> None:
     hit = rows[("credscope", "score-hit")]
     assert hit["status"] == "ok" or hit["status"].startswith("skipped: feature not available")
     assert report["ratios"]["score_vs_echo"] > 0
+    # moderate load: after score-miss (whatever the order given), open loop at half its throughput, beside echo
+    moderate = rows[("credscope", "score-moderate")]
+    assert moderate["status"] == "ok" and moderate["errors"] == 0 and len(moderate["rounds"]) == 2
+    assert moderate["rate"] == pytest.approx(miss["rps"] / 2) and "open loop" in moderate["note"]
+    assert rows[("echo", "score-moderate")]["rate"] == moderate["rate"]
+    p99 = next(t for t in report["targets"] if t["target"].startswith("Score p99 <= 5 ms at moderate load"))
+    assert "open loop" in p99["target"] and p99["measured"] == moderate["p99"]
     assert {t["target"] for t in report["targets"]} >= {"Score throughput >= 50% of the echo floor"}
     assert "req/s" in out.stdout and "Score throughput" in out.stdout
     assert out_json.with_suffix(".png").stat().st_size > 10_000

@@ -13,6 +13,16 @@ A run is bounded by time and by count: each process warms up for ``warmup`` seco
 away), waits for the others at a barrier, then calls until ``duration`` seconds have passed or it has
 sent its share of ``max_requests``. With ``unique=True`` every measured call sends a payload of its
 own (no payload is sent twice, so a cache cannot answer it) and the run also ends when they run out.
+
+Two ways to load the server. *Closed loop* (the default): ``concurrency`` calls in flight, each sent as the
+one before it returns; the server sets the pace, so a level that keeps both cores busy measures latency at
+saturation. *Open loop* (``rate`` set): calls go out at a fixed offered rate with random (Poisson)
+arrivals, whatever the server does, up to ``concurrency`` calls in flight (a call due while every slot is
+taken waits for one, and that wait counts in its latency); this is how a fixed share of the server's
+capacity is measured (the bench's "moderate load"). A call's latency runs from when it was ready to go:
+when its generator's timer woke for it (asyncio sleeps to the millisecond; that slack is the generator's,
+not the server's, so it is left out), or its arrival time when the generator was behind (waiting for a
+free slot, or busy), so a slow server's backlog counts in full.
 """
 
 from __future__ import annotations
@@ -21,6 +31,7 @@ import asyncio
 import math
 import multiprocessing
 import os
+import random
 import time
 from array import array
 from collections import Counter
@@ -56,6 +67,10 @@ class LoadSpec:
     metadata: tuple[tuple[str, str], ...] = ()
     timeout: float = 10.0
     """Deadline of each call, in seconds."""
+    rate: float | None = None
+    """Open loop: calls per second over all processes (Poisson arrivals), at most ``concurrency`` in flight.
+    None: closed loop, ``concurrency`` calls in flight."""
+    seed: int = 20261203
 
 
 @dataclass
@@ -77,6 +92,8 @@ class LoadResult:
     processes: int = 0
     server_cpu_us: float | None = None
     """Server CPU time (all its processes) per measured call, in microseconds, when the caller measured it."""
+    rate: float | None = None
+    """The offered rate (calls/s) of an open-loop run; ``rps`` is what the server answered."""
 
     def as_dict(self) -> dict[str, Any]:
         return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in self.__dict__.items()}
@@ -127,6 +144,46 @@ async def _drive(spec: LoadSpec, index: int, barrier: Any, started: Any) -> dict
             if record:
                 lat.append(time.perf_counter() - t0)
 
+    async def paced(payloads: list[bytes], start: float, until: float, limit: int) -> None:
+        """Open loop: calls at Poisson arrivals of ``rate / processes`` per second, at most ``conc`` in flight."""
+        assert spec.rate is not None
+        rng = random.Random(spec.seed * 1000 + index)
+        per_second = spec.rate / procs
+        slots = asyncio.Semaphore(conc)
+        n, k = len(payloads), len(calls)
+        running: set[asyncio.Task[None]] = set()
+
+        async def one(i: int, ready: float) -> None:
+            try:
+                await calls[i % k](payloads[i % n], timeout=spec.timeout, metadata=md)
+            except grpc.aio.AioRpcError as e:
+                errors[e.code().name] += 1
+                if not first_error:
+                    first_error.append(f"{e.code().name}: {e.details()}")
+            else:
+                lat.append(time.perf_counter() - ready)
+            finally:
+                slots.release()
+
+        due, i = start, 0
+        while i < limit:
+            due += rng.expovariate(per_second)
+            if due >= until:
+                break
+            delay = due - time.perf_counter()
+            if delay > 0:  # on time: the call is ready when the timer wakes (its slack is the generator's)
+                await asyncio.sleep(delay)
+                ready = time.perf_counter()
+            else:  # behind (slots were full, or the generator was busy): the call was due already
+                ready = due
+            await slots.acquire()  # every slot taken: the server is behind, and the wait is part of the latency
+            task = asyncio.ensure_future(one(i, ready))
+            running.add(task)
+            task.add_done_callback(running.discard)
+            i += 1
+        if running:
+            await asyncio.gather(*running)
+
     try:
         await asyncio.wait_for(asyncio.gather(*(ch.channel_ready() for ch in channels)), timeout=10)
         if spec.warmup > 0 and warm:
@@ -138,7 +195,10 @@ async def _drive(spec: LoadSpec, index: int, barrier: Any, started: Any) -> dict
             started.put((index, {"started": True}))
         state["next"] = 0
         start = time.perf_counter()
-        await asyncio.gather(*(worker(mine, start + spec.duration, quota, True) for _ in range(conc)))
+        if spec.rate:
+            await paced(mine, start, start + spec.duration, quota)
+        else:
+            await asyncio.gather(*(worker(mine, start + spec.duration, quota, True) for _ in range(conc)))
         stop = time.perf_counter()
     finally:
         await asyncio.gather(*(ch.close() for ch in channels))
@@ -210,7 +270,7 @@ def run_load(spec: LoadSpec, on_start: Callable[[], None] | None = None) -> Load
                       rps=n / seconds if seconds > 0 else math.nan, p50=pct(50), p90=pct(90), p99=pct(99),
                       mean=float(lat.mean()) if n else math.nan, max=float(lat.max()) if n else math.nan,
                       error_codes=dict(errors), first_error=first, concurrency=spec.concurrency,
-                      processes=spec.processes)
+                      processes=spec.processes, rate=spec.rate)
 
 
 def cpu_count() -> int:
