@@ -144,7 +144,7 @@ async def _drive(spec: LoadSpec, index: int, barrier: Any, started: Any) -> dict
             if record:
                 lat.append(time.perf_counter() - t0)
 
-    async def paced(payloads: list[bytes], start: float, until: float, limit: int) -> None:
+    async def paced(payloads: list[bytes], start: float, until: float, limit: int, record: bool) -> None:
         """Open loop: calls at Poisson arrivals of ``rate / processes`` per second, at most ``conc`` in flight."""
         assert spec.rate is not None
         rng = random.Random(spec.seed * 1000 + index)
@@ -157,11 +157,13 @@ async def _drive(spec: LoadSpec, index: int, barrier: Any, started: Any) -> dict
             try:
                 await calls[i % k](payloads[i % n], timeout=spec.timeout, metadata=md)
             except grpc.aio.AioRpcError as e:
-                errors[e.code().name] += 1
-                if not first_error:
-                    first_error.append(f"{e.code().name}: {e.details()}")
+                if record:
+                    errors[e.code().name] += 1
+                    if not first_error:
+                        first_error.append(f"{e.code().name}: {e.details()}")
             else:
-                lat.append(time.perf_counter() - ready)
+                if record:
+                    lat.append(time.perf_counter() - ready)
             finally:
                 slots.release()
 
@@ -188,15 +190,18 @@ async def _drive(spec: LoadSpec, index: int, barrier: Any, started: Any) -> dict
         await asyncio.wait_for(asyncio.gather(*(ch.channel_ready() for ch in channels)), timeout=10)
         if spec.warmup > 0 and warm:
             state["next"] = 0
-            end = time.perf_counter() + spec.warmup
-            await asyncio.gather(*(worker(warm, end, 1 << 62, False) for _ in range(conc)))
+            now = time.perf_counter()
+            if spec.rate:  # warmed up at the measured rate (not at every slot in flight)
+                await paced(warm, now, now + spec.warmup, 1 << 62, False)
+            else:
+                await asyncio.gather(*(worker(warm, now + spec.warmup, 1 << 62, False) for _ in range(conc)))
         await asyncio.to_thread(barrier.wait, 60)
         if index == 0:
             started.put((index, {"started": True}))
         state["next"] = 0
         start = time.perf_counter()
         if spec.rate:
-            await paced(mine, start, start + spec.duration, quota)
+            await paced(mine, start, start + spec.duration, quota, True)
         else:
             await asyncio.gather(*(worker(mine, start + spec.duration, quota, True) for _ in range(conc)))
         stop = time.perf_counter()
