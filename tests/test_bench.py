@@ -7,6 +7,7 @@ import json
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -106,6 +107,19 @@ def test_open_loop_load_keeps_its_rate_and_bounds(tmp_path: Path) -> None:
         few = run_load(LoadSpec(target=server.target, method=ECHO_METHOD, payloads=payloads[:50], unique=True,
                                 rate=1000, concurrency=16, processes=1, duration=30, warmup=0))
         assert few.requests == 50 and few.seconds < 5  # every unique payload once, then it stops
+        # A server behind the offered rate (one call in flight at a time, 20,000 calls/s offered): the run
+        # still ends on time, the backlog counts in the latency, and what was due but not sent is counted.
+        started = time.monotonic()
+        behind = run_load(LoadSpec(target=server.target, method=ECHO_METHOD, payloads=payloads, rate=20_000,
+                                   concurrency=1, processes=1, duration=1, warmup=0))
+        assert time.monotonic() - started < 15 and behind.seconds < 1.5
+        assert behind.error_codes.get("NOT_SENT", 0) > 5_000 and behind.requests > 0
+        assert behind.p50 > 50  # ms: waiting for the one slot is part of the latency (an idle echo answers in ~1)
+        failing = run_load(LoadSpec(target=server.target, method="/credscope.bench.EchoService/Nope",
+                                    payloads=payloads, rate=100, concurrency=4, processes=1, duration=0.5, warmup=0))
+        assert failing.requests == 0 and failing.error_codes.get("UNIMPLEMENTED", 0) > 10
+        with pytest.raises(ValueError, match="rate"):
+            run_load(LoadSpec(target=server.target, method=ECHO_METHOD, payloads=payloads, rate=-5))
     finally:
         assert server.stop() == 0
 
@@ -139,7 +153,9 @@ def test_a_short_bench_run_end_to_end(model_dir: Path, tmp_path: Path) -> None:
     assert report["ratios"]["score_vs_echo"] > 0
     # moderate load: after score-miss (whatever the order given), open loop at half its throughput, beside echo
     moderate = rows[("credscope", "score-moderate")]
-    assert moderate["status"] == "ok" and moderate["errors"] == 0 and len(moderate["rounds"]) == 2
+    assert moderate["status"] == "ok" and moderate["requests"] > 0 and len(moderate["rounds"]) == 2
+    # (on a busy test host the server may fall behind half its best rate: calls not sent are counted, no others)
+    assert set(moderate["error_codes"]) <= {"NOT_SENT"}
     assert moderate["rate"] == pytest.approx(miss["rps"] / 2) and "open loop" in moderate["note"]
     assert rows[("echo", "score-moderate")]["rate"] == moderate["rate"]
     p99 = next(t for t in report["targets"] if t["target"].startswith("Score p99 <= 5 ms at moderate load"))

@@ -422,7 +422,8 @@ class Row:
 
     def as_dict(self) -> dict[str, Any]:
         return {"system": self.system, "config": self.config, "scenario": self.scenario,
-                "concurrency": self.concurrency, "status": self.status, "note": self.note, **(self.result or {})}
+                "status": self.status, "note": self.note, **(self.result or {}),
+                "concurrency": self.concurrency}  # (an open-loop row's is 0: its result's is the in-flight bound)
 
 
 @dataclass
@@ -502,7 +503,7 @@ class Bench:
         if res.requests == 0:
             row.status = f"error: every call failed ({res.first_error})"
         elif res.errors:
-            row.note = f"{res.errors} errors {res.error_codes}: {res.first_error}"
+            row.note = (row.note + "; " if row.note else "") + f"{res.errors} errors {res.error_codes}: {res.first_error}"
         self.rows.append(row)
         cpu_note = f", server CPU {res.server_cpu_us:.0f} us/call" if res.server_cpu_us is not None else ""
         say(f"    {res.rps:9.0f} req/s  p50 {res.p50:7.2f} ms  p90 {res.p90:7.2f} ms  p99 {res.p99:7.2f} ms"
@@ -930,6 +931,8 @@ class Bench:
         # already runs the server at ~95% of its best throughput: latency at saturation, not at moderate load)
         load = f"open loop, {r(open_loop, 'rate'):.0f} calls/s" if open_loop and r(open_loop, "rate") else f"c={mod}"
         closed_share = ratio(r(closed, "rps"), r(miss, "rps"))
+        # calls that failed or were never sent (the server fell behind) fail the latency targets
+        failed = f"; {r(moderate, 'errors')} calls failed or not sent" if r(moderate, "errors") else ""
 
         ratios = {
             "score_vs_echo": ratio(r(miss, "rps"), r(echo, "rps")),
@@ -944,8 +947,10 @@ class Bench:
         targets = [
             ("Score throughput >= 50% of the echo floor", ratios["score_vs_echo"], lambda v: v >= 0.5, "{:.0%}"),
             ("Score throughput >= 3x MLServer's", ratios["score_vs_mlserver"], lambda v: v >= 3, "{:.1f}x"),
-            (f"Score p99 <= 5 ms at moderate load ({load})", r(moderate, "p99"), lambda v: v <= 5, "{:.2f} ms"),
-            (f"Score p50 <= 1 ms at moderate load ({load})", r(moderate, "p50"), lambda v: v <= 1, "{:.2f} ms"),
+            (f"Score p99 <= 5 ms at moderate load ({load}{failed})", r(moderate, "p99"),
+             lambda v: v <= 5 and not failed, "{:.2f} ms"),
+            (f"Score p50 <= 1 ms at moderate load ({load}{failed})", r(moderate, "p50"),
+             lambda v: v <= 1 and not failed, "{:.2f} ms"),
             (f"cache hit p50 <= 0.5 ms (c={mod})", r(hit, "p50"), lambda v: v <= 0.5, "{:.2f} ms"),
             (f"explanation p50 <= 3 ms (c={mod})", r(expl, "p50"), lambda v: v <= 3, "{:.2f} ms"),
             ("BatchScore of 1,000 <= 20 ms (p50, c=1)", r(b1000, "p50"), lambda v: v <= 20, "{:.1f} ms"),
@@ -955,17 +960,18 @@ class Bench:
              "{:.1f}x"),
             ("  by server CPU/call: audit cost <= 10% (median over levels)", ratios["cpu_audit_cost"], lambda v: v <= 0.10, "{:.1%}"),
         ]
-        if open_loop and closed:  # the closed-loop level too, with how near saturation it ran
+        # For reference, not targets (met: None): the closed-loop level, with how near saturation it ran, and
+        # the echo floor's own latency at the same offered rate.
+        if open_loop and closed:
             share = f", {closed_share:.0%} of the best throughput" if closed_share else ""
-            targets += [(f"  closed loop: Score p99 <= 5 ms (c={mod}{share})", r(closed, "p99"), lambda v: v <= 5,
-                         "{:.2f} ms"),
-                        (f"  closed loop: Score p50 <= 1 ms (c={mod}{share})", r(closed, "p50"), lambda v: v <= 1,
-                         "{:.2f} ms")]
+            targets += [(f"  reference: closed loop, Score p99 (c={mod}{share})", r(closed, "p99"), None, "{:.2f} ms"),
+                        (f"  reference: closed loop, Score p50 (c={mod}{share})", r(closed, "p50"), None, "{:.2f} ms")]
         echo_moderate = self.best("echo", "-", "score-moderate")
-        if echo_moderate:  # the floor's own latency at the same offered rate
-            targets.append((f"  echo floor at the same rate: p99 (p50 {r(echo_moderate, 'p50'):.2f} ms)",
-                            r(echo_moderate, "p99"), lambda v: v <= 5, "{:.2f} ms"))
-        target_rows = [{"target": name, "measured": value, "met": None if value is None else bool(ok(value)),
+        if echo_moderate:
+            targets.append((f"  reference: echo floor at the same rate, p99 (p50 {r(echo_moderate, 'p50'):.2f} ms)",
+                            r(echo_moderate, "p99"), None, "{:.2f} ms"))
+        target_rows = [{"target": name, "measured": value,
+                        "met": None if value is None or ok is None else bool(ok(value)),
                         "shown": "n/a" if value is None else fmt.format(value)} for name, value, ok, fmt in targets]
         return {
             "when": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -1058,7 +1064,8 @@ def table(report: dict[str, Any]) -> str:
                      f"{_num(r.get('server_cpu_us'), '>7.0f')}  {r['note']}")
     lines.append("")
     for t in report["targets"]:
-        mark = {True: "met", False: "NOT met", None: "not measured"}[t["met"]]
+        mark = {True: "met", False: "NOT met", None: "not measured"}[t["met"]] \
+            if t["met"] is not None or t["measured"] is None else ""
         lines.append(f"  {t['target']:72} {t['shown']:>10}  {mark}")
     if report["notes"]:
         lines.append("")

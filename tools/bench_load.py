@@ -19,10 +19,11 @@ one before it returns; the server sets the pace, so a level that keeps both core
 saturation. *Open loop* (``rate`` set): calls go out at a fixed offered rate with random (Poisson)
 arrivals, whatever the server does, up to ``concurrency`` calls in flight (a call due while every slot is
 taken waits for one, and that wait counts in its latency); this is how a fixed share of the server's
-capacity is measured (the bench's "moderate load"). A call's latency runs from when it was ready to go:
-when its generator's timer woke for it (asyncio sleeps to the millisecond; that slack is the generator's,
-not the server's, so it is left out), or its arrival time when the generator was behind (waiting for a
-free slot, or busy), so a slow server's backlog counts in full.
+capacity is measured (the bench's "moderate load"). A call's latency runs from its arrival time, less at
+most 1 ms of lateness in sending it (asyncio's timers wake to the millisecond: that slack is the
+generator's, not the server's); a wait for a free slot counts in full, and a call that ran out of time
+counts with the time it took. An open-loop run sends until ``duration`` is up: arrivals due before then but
+not sent (the server, or the generator, fell behind) are counted as ``NOT_SENT`` errors, not dropped.
 """
 
 from __future__ import annotations
@@ -144,8 +145,14 @@ async def _drive(spec: LoadSpec, index: int, barrier: Any, started: Any) -> dict
             if record:
                 lat.append(time.perf_counter() - t0)
 
+    def failed(name: str, detail: str, count: int = 1) -> None:
+        errors[name] += count
+        if not first_error:
+            first_error.append(f"{name}: {detail}")
+
     async def paced(payloads: list[bytes], start: float, until: float, limit: int, record: bool) -> None:
-        """Open loop: calls at Poisson arrivals of ``rate / processes`` per second, at most ``conc`` in flight."""
+        """Open loop: calls at Poisson arrivals of ``rate / processes`` per second, at most ``conc`` in flight,
+        sent until ``until`` (arrivals due before then but not sent by then are counted as NOT_SENT errors)."""
         assert spec.rate is not None
         rng = random.Random(spec.seed * 1000 + index)
         per_second = spec.rate / procs
@@ -158,9 +165,12 @@ async def _drive(spec: LoadSpec, index: int, barrier: Any, started: Any) -> dict
                 await calls[i % k](payloads[i % n], timeout=spec.timeout, metadata=md)
             except grpc.aio.AioRpcError as e:
                 if record:
-                    errors[e.code().name] += 1
-                    if not first_error:
-                        first_error.append(f"{e.code().name}: {e.details()}")
+                    failed(e.code().name, str(e.details()))
+                    if e.code() == grpc.StatusCode.DEADLINE_EXCEEDED:  # the slowest calls stay in the percentiles
+                        lat.append(time.perf_counter() - ready)
+            except Exception as e:  # noqa: BLE001 - any other failure is counted too, never lost
+                if record:
+                    failed(type(e).__name__, str(e))
             else:
                 if record:
                     lat.append(time.perf_counter() - ready)
@@ -172,13 +182,26 @@ async def _drive(spec: LoadSpec, index: int, barrier: Any, started: Any) -> dict
             due += rng.expovariate(per_second)
             if due >= until:
                 break
-            delay = due - time.perf_counter()
-            if delay > 0:  # on time: the call is ready when the timer wakes (its slack is the generator's)
-                await asyncio.sleep(delay)
-                ready = time.perf_counter()
-            else:  # behind (slots were full, or the generator was busy): the call was due already
-                ready = due
-            await slots.acquire()  # every slot taken: the server is behind, and the wait is part of the latency
+            now = time.perf_counter()
+            if now >= until:  # behind at the end: what was due and not sent is counted, not dropped
+                if record:
+                    left = 1
+                    while i + left < limit and (due := due + rng.expovariate(per_second)) < until:
+                        left += 1
+                    failed("NOT_SENT", "due before the end of the run but not sent (the server or the generator "
+                                       "was behind)", left)
+                break
+            if due > now:
+                await asyncio.sleep(due - now)
+            # A call is ready when it was due; the timer's slack (asyncio sleeps to the millisecond) is the
+            # generator's, so up to 1 ms of lateness is left out and the rest (a busy generator) counts.
+            ready = min(time.perf_counter(), due + 0.001)
+            try:  # every slot taken: the server is behind, and the wait is part of the latency
+                await asyncio.wait_for(slots.acquire(), max(until - time.perf_counter(), 0.001))
+            except TimeoutError:  # the end came while this call waited for a slot
+                if record:
+                    failed("NOT_SENT", "due before the end of the run but not sent (the server was behind)")
+                continue
             task = asyncio.ensure_future(one(i, ready))
             running.add(task)
             task.add_done_callback(running.discard)
@@ -226,6 +249,8 @@ def run_load(spec: LoadSpec, on_start: Callable[[], None] | None = None) -> Load
     when the measured phase starts (after the warm-up), e.g. to read the server's CPU time."""
     if not spec.payloads:
         raise ValueError("no payloads to send")
+    if spec.rate is not None and not spec.rate > 0:
+        raise ValueError(f"the offered rate must be > 0 calls/s, got {spec.rate}")
     ctx = multiprocessing.get_context("fork")  # the payload lists are shared copy-on-write
     barrier = ctx.Barrier(spec.processes)
     out = ctx.Queue()
