@@ -1088,7 +1088,8 @@ def plot(report: dict[str, Any], path: Path) -> str | None:
     rows = [r for r in report["rows"] if r["status"] == "ok" and r["scenario"].startswith("score")
             and not r.get("rate")]  # (open-loop runs have no "calls in flight" to plot against)
     batch = [r for r in report["rows"] if r["status"] == "ok" and r["scenario"].startswith("batch")]
-    fig, axes = plt.subplots(1, 3, figsize=(17, 5.5))
+    paced = [r for r in report["rows"] if r["status"] == "ok" and r.get("rate")]
+    fig, axes = plt.subplots(1, 4 if paced else 3, figsize=(22 if paced else 17, 5.5))
     series: dict[str, list[tuple[int, float, float]]] = {}
     for r in rows:
         series.setdefault(f"{r['system']} {r['config'] if r['config'] != '-' else ''} {r['scenario']}".replace("  ", " "),
@@ -1109,6 +1110,15 @@ def plot(report: dict[str, Any], path: Path) -> str | None:
         axes[2].axhline(20, color="grey", linestyle="--", linewidth=1)
         axes[2].legend(fontsize=7)
     axes[2].set(title="BatchScore latency", ylabel="ms")
+    if paced:  # open loop: latency percentiles at the offered rate, CredScope beside the echo floor
+        width = 0.27
+        for k, q in enumerate(("p50", "p90", "p99")):
+            axes[3].bar([i + (k - 1) * width for i in range(len(paced))], [r[q] for r in paced], width, label=q)
+        axes[3].set_xticks(range(len(paced)), [f"{r['system']} {r['config'] if r['config'] != '-' else ''}\n"
+                                                f"{r['rate']:.0f} calls/s offered" for r in paced], fontsize=7)
+        axes[3].axhline(5, color="grey", linestyle="--", linewidth=1)
+        axes[3].set(title="Score at moderate load (open loop)", ylabel="ms")
+        axes[3].legend(fontsize=7)
     fig.suptitle(f"credscope-bench, model {report['model_version']}, {report['host']['cpus']} CPUs, "
                  f"{report['when']}", fontsize=10)
     fig.tight_layout()
