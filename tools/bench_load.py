@@ -44,6 +44,8 @@ import numpy as np
 
 __all__ = ["LoadResult", "LoadSpec", "run_load"]
 
+NOT_SENT = "due before the end of the run but not sent (the server or the generator was behind)"
+
 
 @dataclass
 class LoadSpec:
@@ -125,6 +127,11 @@ async def _drive(spec: LoadSpec, index: int, barrier: Any, started: Any) -> dict
     lat = array("d")
     state = {"next": 0}
 
+    def failed(name: str, detail: str, count: int = 1) -> None:
+        errors[name] += count
+        if not first_error:
+            first_error.append(f"{name}: {detail}")
+
     async def worker(payloads: list[bytes], until: float, limit: int, record: bool) -> None:
         n = len(payloads)
         k = len(calls)
@@ -138,17 +145,10 @@ async def _drive(spec: LoadSpec, index: int, barrier: Any, started: Any) -> dict
                 await calls[i % k](payloads[i % n], timeout=spec.timeout, metadata=md)
             except grpc.aio.AioRpcError as e:
                 if record:
-                    errors[e.code().name] += 1
-                    if not first_error:
-                        first_error.append(f"{e.code().name}: {e.details()}")
+                    failed(e.code().name, str(e.details()))
                 continue
             if record:
                 lat.append(time.perf_counter() - t0)
-
-    def failed(name: str, detail: str, count: int = 1) -> None:
-        errors[name] += count
-        if not first_error:
-            first_error.append(f"{name}: {detail}")
 
     async def paced(payloads: list[bytes], start: float, until: float, limit: int, record: bool) -> None:
         """Open loop: calls at Poisson arrivals of ``rate / processes`` per second, at most ``conc`` in flight,
@@ -188,8 +188,7 @@ async def _drive(spec: LoadSpec, index: int, barrier: Any, started: Any) -> dict
                     left = 1
                     while i + left < limit and (due := due + rng.expovariate(per_second)) < until:
                         left += 1
-                    failed("NOT_SENT", "due before the end of the run but not sent (the server or the generator "
-                                       "was behind)", left)
+                    failed("NOT_SENT", NOT_SENT, left)
                 break
             if due > now:
                 await asyncio.sleep(due - now)
@@ -200,7 +199,7 @@ async def _drive(spec: LoadSpec, index: int, barrier: Any, started: Any) -> dict
                 await asyncio.wait_for(slots.acquire(), max(until - time.perf_counter(), 0.001))
             except TimeoutError:  # the end came while this call waited for a slot
                 if record:
-                    failed("NOT_SENT", "due before the end of the run but not sent (the server was behind)")
+                    failed("NOT_SENT", NOT_SENT)
                 continue
             task = asyncio.ensure_future(one(i, ready))
             running.add(task)
