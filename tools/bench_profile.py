@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import os
 import re
 import shutil
 import subprocess  # nosec B404 - starts our own server, credscope-keys and py-spy, no shell
@@ -38,16 +39,31 @@ SCENARIOS = ("score-miss", "score-hit", "score-explain", "batch-100", "batch-100
 
 def context_switches(pid: int) -> dict[str, int]:
     """Voluntary + involuntary context switches so far, summed by thread name, over ``pid`` and its children."""
-    out: dict[str, int] = collections.Counter()
+    return {name: switches for name, (switches, _) in thread_counters(pid).items()}
+
+
+def thread_counters(pid: int) -> dict[str, tuple[int, float]]:
+    """(context switches, CPU seconds) so far, summed by thread name, over ``pid`` and its children: a
+    process's main thread is ``python``, its other Python threads ``python#<thread id>`` (Python does not name
+    them for the OS), a child process's threads have ``child `` in front."""
+    out: dict[str, list[float]] = collections.defaultdict(lambda: [0, 0.0])
+    tick = os.sysconf("SC_CLK_TCK")
     for p in bench.process_tree(pid):
         try:
             for task in Path(f"/proc/{p}/task").iterdir():
                 name = (task / "comm").read_text().strip()
+                if name == "python" and task.name != str(p):
+                    name += f"#{task.name}"
+                if p != pid:
+                    name = "child " + name
                 status = (task / "status").read_text()
-                out[name] += sum(int(line.split()[1]) for line in status.splitlines() if "ctxt_switches" in line)
-        except (OSError, ValueError):
+                fields = (task / "stat").read_text().rpartition(")")[2].split()
+                row = out[name]
+                row[0] += sum(int(line.split()[1]) for line in status.splitlines() if "ctxt_switches" in line)
+                row[1] += (int(fields[11]) + int(fields[12])) / tick  # utime + stime
+        except (OSError, ValueError, IndexError):
             continue
-    return dict(out)
+    return {k: (int(v[0]), v[1]) for k, v in out.items()}
 
 
 def summarize(raw: Path, top: int = 25, thread: str = "MainThread") -> list[tuple[float, str]]:
@@ -91,7 +107,11 @@ def parser() -> argparse.ArgumentParser:
                                 epilog="Every run is bounded in time and count; the server is stopped at the end.")
     p.add_argument("--model-dir", type=Path, default=Path("models"), help="model store (default models)")
     p.add_argument("--workers", type=int, default=1, help="server worker processes (default 1)")
-    p.add_argument("--concurrency", type=int, default=4, help="calls in flight (default 4)")
+    p.add_argument("--concurrency", type=int, default=None,
+                   help="calls in flight (default 4; with --rate, at most this many, default 64)")
+    p.add_argument("--rate", type=float, default=None,
+                   help="open loop: offer this many calls/s at random (Poisson) arrivals instead of keeping "
+                        "--concurrency calls in flight (the bench's moderate load; latency from each arrival)")
     p.add_argument("--scenario", choices=SCENARIOS, default="score-miss", help="what is sent (default score-miss)")
     p.add_argument("--seconds", type=float, default=3.0, help="measured seconds per round (default 3)")
     p.add_argument("--warmup", type=float, default=0.5, help="warm-up seconds per round (default 0.5)")
@@ -108,8 +128,10 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     a = parser().parse_args(argv)
-    if a.concurrency < 1 or a.rounds < 1 or a.seconds <= 0:
-        parser().error("--concurrency and --rounds must be >= 1 and --seconds > 0")
+    if a.concurrency is None:
+        a.concurrency = 64 if a.rate else 4
+    if a.concurrency < 1 or a.rounds < 1 or a.seconds <= 0 or (a.rate is not None and a.rate <= 0):
+        parser().error("--concurrency and --rounds must be >= 1, --seconds and --rate > 0")
     settings: dict[str, str] = {}
     for kv in a.env:
         key, sep, value = kv.partition("=")
@@ -133,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
         cmd = [sys.executable, "-m", "server.main", "--host", "127.0.0.1", "--port", "0", "--model-dir",
                str(a.model_dir.resolve()), "--workers", str(a.workers)]
     print(f"{'echo server' if a.echo else 'credscope-server'}: {a.workers} worker(s), {a.scenario}, "
-          f"{a.concurrency} in flight, {a.rounds} x {a.seconds:g} s (work folder {folder})", flush=True)
+          f"{f'open loop at {a.rate:g}/s' if a.rate else f'{a.concurrency} in flight'}, {a.rounds} x {a.seconds:g} s (work folder {folder})", flush=True)
     server = bench.start_process(cmd, env, folder, folder / "server.log")
     apps = bench.Applicants()
     try:
@@ -142,13 +164,13 @@ def main(argv: list[str] | None = None) -> int:
             spec = LoadSpec(target=server.target, method=ECHO_METHOD if a.echo else method, payloads=measured,
                             warmup_payloads=warm, unique=unique, concurrency=a.concurrency,
                             processes=min(2, a.concurrency), channels_per_process=a.channels, duration=a.seconds,
-                            warmup=a.warmup, max_requests=a.requests, metadata=metadata)
+                            warmup=a.warmup, max_requests=a.requests, metadata=metadata, rate=a.rate)
             state: dict[str, Any] = {}
             record = a.py_spy is not None and r == a.rounds - 1
 
             def started(state: dict[str, Any] = state, record: bool = record) -> None:
                 state["cpu"] = bench.tree_cpu(server.proc.pid)
-                state["switches"] = context_switches(server.proc.pid)
+                state["threads"] = thread_counters(server.proc.pid)
                 if record:
                     state["spy"] = subprocess.Popen(  # noqa: S603  # nosec B603 - py-spy on our own server
                         [spy, "record", "-p", str(server.proc.pid), "-r", "200", "-d", str(max(1, int(a.seconds))),
@@ -158,12 +180,15 @@ def main(argv: list[str] | None = None) -> int:
             res = run_load(spec, started)
             calls = max(1, res.requests)
             cpu = (bench.tree_cpu(server.proc.pid) - state["cpu"]) / calls * 1e6
-            now = context_switches(server.proc.pid)
-            per_thread = {k: (v - state["switches"].get(k, 0)) / calls for k, v in now.items()}
-            busiest = ", ".join(f"{k} {v:.1f}" for k, v in sorted(per_thread.items(), key=lambda kv: -kv[1])[:3])
+            now = thread_counters(server.proc.pid)
+            before = state["threads"]
+            per_thread = {k: ((v - before.get(k, (0, 0.0))[0]) / calls, (c - before.get(k, (0, 0.0))[1]) / calls * 1e6)
+                          for k, (v, c) in now.items()}
+            busiest = ", ".join(f"{k} {v:.1f}" for k, (v, _) in sorted(per_thread.items(), key=lambda kv: -kv[1][0])[:3])
+            by_cpu = ", ".join(f"{k} {c:.0f}" for k, (_, c) in sorted(per_thread.items(), key=lambda kv: -kv[1][1])[:4])
             errors = f"  {res.errors} errors: {res.first_error}" if res.errors else ""
             print(f"round {r + 1}: {res.rps:7.0f} calls/s  p50 {res.p50:6.2f}  p90 {res.p90:6.2f}  p99 {res.p99:6.2f} ms"
-                  f"  server CPU {cpu:5.0f} µs/call  context switches/call: {busiest}{errors}", flush=True)
+                  f"  server CPU {cpu:5.0f} µs/call ({by_cpu})  context switches/call: {busiest}{errors}", flush=True)
             if "spy" in state:
                 _, err = state["spy"].communicate(timeout=a.seconds + 60)
                 if state["spy"].returncode != 0 or not a.py_spy.exists():
