@@ -362,18 +362,23 @@ def _compiled_in_child(path: Path, name: str, feature_dtype: str, bound_dtype: s
     Processes compiling the same kernel at once (the workers of a first start) take turns on a lock file
     beside it: one compiles, the others wait and then load. The lock is passed to the child, so it lasts
     while the child runs even if this process dies. False when the child failed (then this process compiles
-    on first use)."""
+    on first use). A process that waited while another's child failed does not try again (a first start
+    of N workers would otherwise fail N times in turn); a later start does."""
     marker = _compiled_marker(path, name, feature_dtype, bound_dtype, index_dtype)
     if marker.exists():
         return True
     lock_file = path.with_suffix(".lock")
+    failed = marker.with_suffix(".failed")
     with contextlib.ExitStack() as stack:
         fds: tuple[int, ...] = ()
+        failure_before: tuple[int, int] | None = None
+        waited = False
         try:  # released when every holder of the file (this process, the child) has closed it or died
             lock = stack.enter_context(lock_file.open("a"))
             try:
                 fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
+                waited, failure_before = True, _file_state(failed)
                 log.info("TreeSHAP kernel: another process is compiling it; waiting for it (%s)", lock_file)
                 fcntl.flock(lock, fcntl.LOCK_EX)
             fds = (lock.fileno(),)
@@ -381,6 +386,11 @@ def _compiled_in_child(path: Path, name: str, feature_dtype: str, bound_dtype: s
             log.warning("TreeSHAP kernel: cannot lock %s (%s); compiling without the lock", lock_file, exc)
         if marker.exists():  # another process compiled it while this one waited
             return True
+        if waited and _file_state(failed) not in (None, failure_before):  # written while this one waited
+            with contextlib.suppress(OSError):
+                log.warning("TreeSHAP kernel: the process this one waited for failed to compile it (%s); "
+                            "not trying again here", failed.read_text(errors="replace").strip()[-300:])
+            return False
         log.info("TreeSHAP kernel: compiling it for this model's path lengths (once per model shape and "
                  "Python/numba version, ~15-20 s; later starts load it)")
         started = time.monotonic()
@@ -394,11 +404,15 @@ def _compiled_in_child(path: Path, name: str, feature_dtype: str, bound_dtype: s
                                   capture_output=True, text=True, timeout=900, check=False, env=env, pass_fds=fds)
         except (OSError, subprocess.SubprocessError) as exc:
             log.warning("TreeSHAP kernel: compiling in a child process failed (%s); compiling here", exc)
+            _note_failure(failed, str(exc))
             return False
         if done.returncode != 0:
             log.warning("TreeSHAP kernel: compiling in a child process failed (exit %s): %s; compiling here",
                         done.returncode, done.stderr.strip()[-2000:])
+            _note_failure(failed, f"exit {done.returncode}: {done.stderr.strip()[-300:]}")
             return False
+        with contextlib.suppress(OSError):
+            failed.unlink(missing_ok=True)
         try:
             marker.touch()
         except OSError as exc:
@@ -406,6 +420,23 @@ def _compiled_in_child(path: Path, name: str, feature_dtype: str, bound_dtype: s
                         marker, exc)
         log.info("TreeSHAP kernel: compiled in %.1f s", time.monotonic() - started)
     return True
+
+
+def _file_state(path: Path) -> tuple[int, int] | None:
+    """(inode, modification time) of ``path``, None when it is not there: a new write is a new state."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_ino, st.st_mtime_ns
+
+
+def _note_failure(path: Path, why: str) -> None:
+    """Say in ``path`` (written anew: a new inode) that the compile failed, for the processes waiting on it."""
+    with contextlib.suppress(OSError):
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(why + "\n")
+        os.replace(tmp, path)
 
 
 @functools.cache

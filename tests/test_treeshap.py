@@ -14,6 +14,8 @@ import logging
 import os
 import subprocess
 import sys
+import threading
+import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -268,3 +270,51 @@ def test_a_failed_compile_lets_go_of_the_lock_and_leaves_no_marker(tmp_path: Pat
     caplog.clear()
     assert treeshap._compiled_in_child(module, name, "uint16", "float32", "uint16") is False
     assert "cannot lock" in caplog.text and "failed (exit 3)" in caplog.text
+
+
+def test_processes_that_waited_on_a_failed_compile_do_not_try_again(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                     caplog: pytest.LogCaptureFixture) -> None:
+    """The workers of a first start wait on one compile; when its child fails, they do not each run a failing
+    child in turn (N workers, N failures): they go on as the first did. A later start tries again."""
+    module, name = _kernel_module(tmp_path / "kernels")
+    caplog.set_level(logging.INFO, logger="server.treeshap")
+    started = threading.Event()
+    release = threading.Event()
+    children: list[str] = []
+    real_run = subprocess.run
+
+    def failing_child(*args: Any, **kwargs: Any) -> Any:
+        children.append(threading.current_thread().name)
+        started.set()
+        assert release.wait(60)
+        return real_run([sys.executable, "-c", "import sys; sys.stderr.write('numba says no'); sys.exit(3)"],
+                        capture_output=True, text=True, timeout=60, check=False)
+
+    monkeypatch.setattr(treeshap.subprocess, "run", failing_child)
+    results: dict[str, bool] = {}
+
+    def compile_(who: str) -> None:
+        results[who] = treeshap._compiled_in_child(module, name, "uint16", "float32", "uint16")
+
+    first = threading.Thread(target=compile_, args=("first",), name="first")
+    first.start()
+    assert started.wait(60)
+    waiters = [threading.Thread(target=compile_, args=(f"w{i}",), name=f"w{i}") for i in range(2)]
+    for t in waiters:
+        t.start()
+    deadline = time.monotonic() + 60
+    while caplog.text.count("another process is compiling it") < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert caplog.text.count("another process is compiling it") == 2
+    release.set()
+    for t in (first, *waiters):
+        t.join(60)
+    assert results == {"first": False, "w0": False, "w1": False}
+    assert children == ["first"]  # one failing child, not three
+    assert caplog.text.count("failed to compile it (exit 3: numba says no)") == 2
+    assert not list(module.parent.glob("*.compiled"))
+    # a later start (nobody compiling now) tries again, and a success clears the failure
+    monkeypatch.setattr(treeshap.subprocess, "run", real_run)
+    monkeypatch.setattr(treeshap, "_WARM", "pass")
+    assert treeshap._compiled_in_child(module, name, "uint16", "float32", "uint16") is True
+    assert list(module.parent.glob("*.compiled")) and not list(module.parent.glob("*.failed"))
