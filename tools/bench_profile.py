@@ -37,11 +37,6 @@ from tools.bench_peers import ECHO_METHOD
 SCENARIOS = ("score-miss", "score-hit", "score-explain", "batch-100", "batch-1000")
 
 
-def context_switches(pid: int) -> dict[str, int]:
-    """Voluntary + involuntary context switches so far, summed by thread name, over ``pid`` and its children."""
-    return {name: switches for name, (switches, _) in thread_counters(pid).items()}
-
-
 def thread_counters(pid: int) -> dict[str, tuple[int, float]]:
     """(context switches, CPU seconds) so far, summed by thread name, over ``pid`` and its children: a
     process's main thread is ``python``, its other Python threads ``python#<thread id>`` (Python does not name
