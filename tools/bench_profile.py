@@ -103,7 +103,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--model-dir", type=Path, default=Path("models"), help="model store (default models)")
     p.add_argument("--workers", type=int, default=1, help="server worker processes (default 1)")
     p.add_argument("--concurrency", type=int, default=None,
-                   help="calls in flight (default 4; with --rate, at most this many, default 64)")
+                   help="calls in flight (default 4; with --rate, at most this many, default "
+                        f"{bench.OPEN_LOOP_IN_FLIGHT}, as in the bench's open-loop runs)")
     p.add_argument("--rate", type=float, default=None,
                    help="open loop: offer this many calls/s at random (Poisson) arrivals instead of keeping "
                         "--concurrency calls in flight (the bench's moderate load; latency from each arrival)")
@@ -124,7 +125,7 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     a = parser().parse_args(argv)
     if a.concurrency is None:
-        a.concurrency = 64 if a.rate else 4
+        a.concurrency = bench.OPEN_LOOP_IN_FLIGHT if a.rate else 4
     if a.concurrency < 1 or a.rounds < 1 or a.seconds <= 0 or (a.rate is not None and a.rate <= 0):
         parser().error("--concurrency and --rounds must be >= 1, --seconds and --rate > 0")
     settings: dict[str, str] = {}
