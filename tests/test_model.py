@@ -264,6 +264,36 @@ def test_version_is_deterministic_and_no_activate(trained: TrainResult, store: P
     assert load_model(store, other.version).version == other.version
 
 
+def test_early_stopping_picks_the_tree_count_on_a_validation_split(trained: TrainResult, store: Path) -> None:
+    """The module's model stopped early (150 rounds at most): the metadata says how, the ONNX graph holds
+    that many trees, and a fit of exactly that many rounds without early stopping (the bench's MLServer
+    peer refits from the metadata this way) gives the very same model."""
+    stop = trained.metadata["training"]["early_stopping"]
+    params = trained.metadata["training"]["params"]
+    booster = trained.pipeline.named_steps["lgbm"].booster_
+    assert stop["rounds"] == trainmod.EARLY_STOPPING_ROUNDS and stop["max_estimators"] == PARAMS["n_estimators"]
+    assert 1 <= stop["best_iteration"] < PARAMS["n_estimators"]
+    assert params["n_estimators"] == stop["best_iteration"] == booster.num_trees()
+    assert stop["validation_rows"] == round(ROWS * (1 - trainmod.HOLDOUT_FRACTION) * trainmod.VALIDATION_FRACTION)
+    assert 0 < stop["validation_log_loss"] < 0.4
+    exact = train(rows=ROWS, seed=SEED, model_dir=store, n_estimators=stop["best_iteration"], early_stopping_rounds=0,
+                  activate=False)
+    assert exact.version == trained.version
+    assert exact.metadata["training"]["early_stopping"]["rounds"] == 0
+
+    lines: list[str] = []
+    few = train(rows=200, seed=SEED, model_dir=store, n_estimators=12, activate=False, log=lines.append)
+    assert few.metadata["training"]["early_stopping"]["rounds"] == 0  # too few defaults to hold some out
+    assert few.metadata["training"]["params"]["n_estimators"] == 12
+    assert not any("validate" in line for line in lines) and any("12 trees" in line for line in lines)
+
+
+def test_train_cli_rejects_a_negative_early_stopping_rounds(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        trainmod.main(["--early-stopping-rounds", "-1"])
+    assert exc.value.code == 2 and "--early-stopping-rounds >= 0" in capsys.readouterr().err
+
+
 def test_version_does_not_depend_on_the_hash_seed(tmp_path: Path) -> None:
     """Two processes with different hash seeds make the same bytes (skl2onnx listed the opsets in set order,
     so one model got several versions and the bench's refitted MLServer peer was refused)."""
@@ -347,7 +377,7 @@ def test_train_cli_on_a_csv(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
     df.to_csv(csv, index=False)
     models = tmp_path / "models"
     code = trainmod.main(["--data", str(csv), "--model-dir", str(models), "--n-estimators", "40",
-                          "--num-leaves", "15", "--learning-rate", "0.1"])
+                          "--num-leaves", "15", "--learning-rate", "0.1", "--early-stopping-rounds", "0"])
     captured = capsys.readouterr()
     version = captured.out.strip()
     assert code == 0 and active_version(models) == version

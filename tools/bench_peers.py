@@ -127,7 +127,7 @@ def peer_model(model_dir: Path, version: str | None, out: Path, log: Callable[[s
         f"({recipe.get('rows')} rows, seed {recipe.get('seed')}; about a minute, once)")
     with tempfile.TemporaryDirectory(prefix="credscope-peer-") as tmp:
         result = train(rows=int(recipe["rows"]), seed=int(recipe["seed"]), model_dir=Path(tmp), params=params,
-                       activate=False, quiet=True)
+                       early_stopping_rounds=0, activate=False, quiet=True)
     if result.version != version:
         raise RuntimeError(f"refitting model {version} gave version {result.version}: training is not "
                            "reproducible here, so MLServer would not serve the same model")

@@ -10,6 +10,12 @@ applicant columns of :data:`server.schema.COLUMNS` in schema order (categorical 
 2. a LightGBM ``LGBMClassifier`` (exported through onnxmltools' converter, registered with
    skl2onnx's ``update_registered_converter``) scores the :data:`server.schema.MODEL_FEATURES`.
 
+How many trees: boosting stops early on a validation split of the training rows (never the holdout):
+it is fitted on 80% of them up to ``n_estimators`` rounds, the round after which the validation
+log-loss stopped improving for :data:`EARLY_STOPPING_ROUNDS` rounds is kept, and the model is refitted
+on all the training rows with that many trees. The metadata records both (``training.params`` is the
+final fit, ``training.early_stopping`` how its size was chosen).
+
 Outputs: ``probabilities`` (float32 ``[N, 2]``; P(default) is column 1), ``label`` (int64 ``[N]``)
 and ``features`` (float32 ``[N, len(MODEL_FEATURES)]``, what the trees see; for explanations and
 drift).
@@ -86,6 +92,12 @@ PROBA_COLUMN = 1
 #: Opsets that convert and run (onnxmltools' LightGBM converter refuses main opset 17).
 TARGET_OPSET: dict[str, int] = {"": 15, "ai.onnx.ml": 3}
 HOLDOUT_FRACTION = 0.2
+VALIDATION_FRACTION = 0.2
+"""Share of the training rows that early stopping validates on (the model is then refitted on all)."""
+EARLY_STOPPING_ROUNDS = 50
+"""Boosting stops when the validation log-loss has not improved for this many rounds (0: no early stop)."""
+MIN_CLASS_ROWS_FOR_EARLY_STOPPING = 20
+"""Fewer training rows than this of either class: no validation split, all ``n_estimators`` rounds."""
 REFERENCE_SAMPLE_ROWS = 2000
 ONNX_TOLERANCE = 1e-4
 """Training fails if ONNX and scikit-learn probabilities differ by more than this on the holdout."""
@@ -97,11 +109,15 @@ DECISION_POLICY: dict[str, Any] = {
 }
 
 #: LightGBM hyper-parameters; ``n_estimators``, ``num_leaves`` and ``learning_rate`` are CLI options.
+#: ``n_estimators`` is the most boosting rounds: early stopping picks the count (see the module doc).
+#: Small trees: on the synthetic data (100,000 rows, seed 42) 7 leaves at 0.1 with 200 rows a leaf
+#: stop at 84 trees with a lower validation log-loss than 31 leaves at 0.05 over 300 trees (which is
+#: past its best there: holdout ROC-AUC 0.7837 against ~0.788).
 DEFAULT_PARAMS: dict[str, Any] = {
-    "n_estimators": 300,
-    "num_leaves": 31,
-    "learning_rate": 0.05,
-    "min_child_samples": 50,
+    "n_estimators": 1000,
+    "num_leaves": 7,
+    "learning_rate": 0.1,
+    "min_child_samples": 200,
     "subsample": 0.8,
     "subsample_freq": 1,
     "colsample_bytree": 0.8,
@@ -421,6 +437,47 @@ def fit_pipeline(x: np.ndarray, y: np.ndarray, params: dict[str, Any] | None = N
     return pipeline
 
 
+@dataclass(frozen=True)
+class EarlyStop:
+    """How the number of trees was chosen: ``trees`` of at most ``max_trees`` rounds (``rounds`` 0: not chosen)."""
+
+    trees: int
+    max_trees: int
+    rounds: int
+    validation_rows: int = 0
+    validation_log_loss: float | None = None
+
+    def as_json(self) -> dict[str, Any]:
+        return {"rounds": self.rounds, "max_estimators": self.max_trees, "best_iteration": self.trees,
+                "validation_fraction": VALIDATION_FRACTION if self.validation_rows else 0.0,
+                "validation_rows": self.validation_rows, "validation_log_loss": self.validation_log_loss}
+
+
+def choose_trees(x: np.ndarray, y: np.ndarray, params: dict[str, Any] | None = None, seed: int = 42,
+                 rounds: int = EARLY_STOPPING_ROUNDS) -> EarlyStop:
+    """Pick the number of boosting rounds by early stopping on a stratified validation split of ``x``.
+
+    Fits up to ``params["n_estimators"]`` rounds on the rest and keeps the round of the lowest
+    validation log-loss once ``rounds`` rounds in a row have not improved it. ``rounds`` 0, or fewer
+    than :data:`MIN_CLASS_ROWS_FOR_EARLY_STOPPING` rows of a class, keeps all the rounds.
+    """
+    import lightgbm
+
+    max_trees = int({**DEFAULT_PARAMS, **(params or {})}["n_estimators"])
+    if rounds <= 0 or np.bincount(y, minlength=2).min() < MIN_CLASS_ROWS_FOR_EARLY_STOPPING:
+        return EarlyStop(max_trees, max_trees, 0)
+    x_fit, x_val, y_fit, y_val = train_test_split(np.asarray(x, dtype=_F32), y, test_size=VALIDATION_FRACTION,
+                                                  stratify=y, random_state=seed)
+    pipeline = build_pipeline(params, seed)
+    pipeline.fit(x_fit, y_fit, lgbm__eval_X=engineer_features(x_val), lgbm__eval_y=y_val,
+                 lgbm__eval_metric="binary_logloss",
+                 lgbm__callbacks=[lightgbm.early_stopping(rounds, first_metric_only=True, verbose=False)])
+    booster = pipeline.named_steps["lgbm"].booster_
+    best = int(booster.best_iteration) or max_trees
+    loss = float(booster.best_score["valid_0"]["binary_logloss"])
+    return EarlyStop(best, max_trees, rounds, int(len(y_val)), loss)
+
+
 def _json_number(value: float) -> float | None:
     """A float32 value as the shortest JSON number that reads back to the same float32 (None for NaN)."""
     v = _F32(value)
@@ -534,14 +591,16 @@ def _progress_to_stderr(message: str) -> None:
 
 def train(data: Path | None = None, *, rows: int = 100_000, seed: int = 42, model_dir: Path = Path("models"),
           params: dict[str, Any] | None = None, n_estimators: int | None = None, num_leaves: int | None = None,
-          learning_rate: float | None = None, activate: bool = True, quiet: bool = True,
-          log: Log | None = None) -> TrainResult:
+          learning_rate: float | None = None, early_stopping_rounds: int = EARLY_STOPPING_ROUNDS,
+          activate: bool = True, quiet: bool = True, log: Log | None = None) -> TrainResult:
     """Train, export, evaluate and store a model; return where it went.
 
     ``data`` is a CSV shaped like Home Credit's ``application_train.csv`` (the real file or datagen
     output); without it ``rows`` synthetic rows are generated with ``seed``. ``params`` override
     :data:`DEFAULT_PARAMS`, and ``n_estimators`` / ``num_leaves`` / ``learning_rate`` override
-    ``params``. Progress lines go to ``log`` if given, else to stderr unless ``quiet``. With
+    ``params``; ``n_estimators`` is the most rounds when ``early_stopping_rounds`` > 0 (see
+    :func:`choose_trees`), the exact count when it is 0. Progress lines go to ``log`` if given, else to
+    stderr unless ``quiet``. With
     ``activate`` the new version is written to ``<model_dir>/ACTIVE``.
     """
     params = dict(params or {})
@@ -580,7 +639,11 @@ def train(data: Path | None = None, *, rows: int = 100_000, seed: int = 42, mode
                                                         random_state=seed)
     stage("encode", f"{x.shape[1]} columns, {y.mean():.2%} defaults, {len(y_train):,} train / {len(y_hold):,} holdout")
 
-    pipeline = fit_pipeline(x_train, y_train, params, seed)
+    stop = choose_trees(x_train, y_train, params, seed, early_stopping_rounds)
+    if stop.rounds:
+        stage("validate", f"early stopping kept {stop.trees} of at most {stop.max_trees} trees "
+                          f"(validation log-loss {stop.validation_log_loss:.4f} on {stop.validation_rows:,} rows)")
+    pipeline = fit_pipeline(x_train, y_train, {**params, "n_estimators": stop.trees}, seed)
     lgbm_params = {k: v for k, v in pipeline.named_steps["lgbm"].get_params().items()
                    if k in DEFAULT_PARAMS or k == "random_state"}
     stage("fit", f"LightGBM {lgbm_params['n_estimators']} trees x {lgbm_params['num_leaves']} leaves")
@@ -639,6 +702,7 @@ def train(data: Path | None = None, *, rows: int = 100_000, seed: int = 42, mode
             "seed": seed,
             "holdout_fraction": HOLDOUT_FRACTION,
             "params": {**lgbm_params, **_FIXED_PARAMS},
+            "early_stopping": stop.as_json(),
             "packages": _package_versions(),
         },
         "reference": reference,
@@ -679,7 +743,11 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=42, help="seed for data, split and model (default %(default)s)")
     parser.add_argument("--model-dir", type=Path, default=Path("models"), help="model store (default %(default)s)")
     parser.add_argument("--n-estimators", type=int, default=DEFAULT_PARAMS["n_estimators"],
-                        help="boosting rounds (default %(default)s)")
+                        help="most boosting rounds; early stopping keeps fewer (default %(default)s)")
+    parser.add_argument("--early-stopping-rounds", type=int, default=EARLY_STOPPING_ROUNDS,
+                        help="stop when the log-loss on a validation split of the training rows has not "
+                             "improved for this many rounds, then refit on all of them with the best "
+                             "count; 0 trains exactly --n-estimators (default %(default)s)")
     parser.add_argument("--num-leaves", type=int, default=DEFAULT_PARAMS["num_leaves"],
                         help="leaves per tree (default %(default)s)")
     parser.add_argument("--learning-rate", type=float, default=DEFAULT_PARAMS["learning_rate"],
@@ -692,11 +760,14 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``credscope-train``."""
     args = _parser().parse_args(argv)
-    if args.rows < 100 or args.n_estimators < 1 or args.num_leaves < 2 or args.learning_rate <= 0:
-        _parser().error("need --rows >= 100, --n-estimators >= 1, --num-leaves >= 2, --learning-rate > 0")
+    if (args.rows < 100 or args.n_estimators < 1 or args.num_leaves < 2 or args.learning_rate <= 0
+            or args.early_stopping_rounds < 0):
+        _parser().error("need --rows >= 100, --n-estimators >= 1, --num-leaves >= 2, --learning-rate > 0, "
+                        "--early-stopping-rounds >= 0")
     try:
         result = train(args.data, rows=args.rows, seed=args.seed, model_dir=args.model_dir,
                        n_estimators=args.n_estimators, num_leaves=args.num_leaves, learning_rate=args.learning_rate,
+                       early_stopping_rounds=args.early_stopping_rounds,
                        activate=not args.no_activate, quiet=args.quiet)
     except (OSError, ValueError) as exc:
         print(f"credscope-train: error: {exc}", file=sys.stderr)
