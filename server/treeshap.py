@@ -34,7 +34,7 @@ x86-64 host.
 
 The generated source is written to a module in a private cache directory (numba's disk cache
 needs a file), named by the hash of its text, so workers and restarts load the compiled code
-instead of compiling again. The first compile (~0.5-1.5 s per length, ~15-20 s for the served
+instead of compiling again. The first compile (~0.5-1.5 s per length, ~7 s for the served
 model, mostly holding the GIL) runs in a child process, so a model version loading in a thread of a
 serving process does not stall its event loop, and one process at a time (a lock file), so the
 workers of a first start compile it once; they then load the compiled code. The kernel runs without the GIL
@@ -356,8 +356,9 @@ def _compiled_marker(path: Path, name: str, *dtypes: str) -> Path:
 def _compiled_in_child(path: Path, name: str, feature_dtype: str, bound_dtype: str, index_dtype: str) -> bool:
     """Compile the kernel of the module at ``path`` in a child process, unless it was compiled before.
 
-    Compiling takes ~15-20 s of CPU, most of it holding the GIL: in this process, while a new model version
-    loads in a thread, the event loop would stall that long. The child fills numba's disk cache and this
+    Compiling takes seconds of CPU (~7 s for the served model, ~15-20 s for 300 trees of 31 leaves), most
+    of it holding the GIL: in this process, while a new model version loads in a thread, the event loop
+    would stall that long. The child fills numba's disk cache and this
     process then loads the compiled code (~0.1-1 s); a marker file beside the module records that it did.
     Processes compiling the same kernel at once (the workers of a first start) take turns on a lock file
     beside it: one compiles, the others wait and then load. The lock is passed to the child, so it lasts
@@ -392,7 +393,7 @@ def _compiled_in_child(path: Path, name: str, feature_dtype: str, bound_dtype: s
                             "not trying again here", failed.read_text(errors="replace").strip()[-300:])
             return False
         log.info("TreeSHAP kernel: compiling it for this model's path lengths (once per model shape and "
-                 "Python/numba version, ~15-20 s; later starts load it)")
+                 "Python/numba version, about 1 s per path length; later starts load it)")
         started = time.monotonic()
         # The child runs only the generated module and numba: a coverage tracer inherited from a measured
         # parent (`make test COVERAGE=1`) would measure nothing of ours and slow numba's compiler 2-3x. (The

@@ -54,7 +54,7 @@ def trained_model(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-
 def model_dir(trained_model) -> Path:  # type: ignore[no-untyped-def]
     """A small model (synthetic data, fixed seed) in a fresh model store, built once per run.
 
-    Its TreeSHAP kernel is compiled here, once (~15-20 s on a fresh clone), so that no server the tests
+    Its TreeSHAP kernel is compiled here, once (~5-7 s on a fresh clone), so that no server the tests
     start spends its start-up timeout compiling it (a first compile is tested in tests/test_treeshap.py):
     ``explainer_for`` verifies the explainer on the model's reference rows, which runs the kernel.
     """
