@@ -169,11 +169,10 @@ class ScoringService(scoring_pb2_grpc.ScoringServiceServicer):
         response = scoring_pb2.BatchScoreResponse(request_id=request_id)
         encoded, positions, bad = decode_applicants(request)  # the rows applicant_to_row gives, from the wire
         results = response.results
-        for i in range(n):
-            results.add(index=i)
+        added = [results.add(index=i) for i in range(n)]  # the wrappers, kept: each results[i] makes a new one
         for i, violations in bad:
             input_signals.refused(violations)
-            err = results[i].error
+            err = added[i].error
             err.code = grpc.StatusCode.INVALID_ARGUMENT.value[0]
             err.message = f"applicant {i} has {len(violations)} invalid field(s)"
             for v in violations:
@@ -200,7 +199,7 @@ class ScoringService(scoring_pb2_grpc.ScoringServiceServicer):
         # would only share the cores (starting it first, with a turn of the loop, measured no faster).
         pending: asyncio.Future[list[Any]] | None = asyncio.ensure_future(
             self._explain(scorer, subset) if top_k is not None else self._reasons(scorer, subset)) if want else None
-        predictions = [results[i].prediction for i in positions]  # (each lookup makes a new wrapper: once)
+        predictions = [added[i].prediction for i in positions]
         try:
             for i, prediction, (res, from_cache) in zip(positions, predictions, pairs, strict=True):
                 fill_prediction(prediction, res, f"{request_id}/{i}", from_cache=from_cache)
