@@ -285,7 +285,13 @@ def test_early_stopping_picks_the_tree_count_on_a_validation_split(trained: Trai
     few = train(rows=200, seed=SEED, model_dir=store, n_estimators=12, activate=False, log=lines.append)
     assert few.metadata["training"]["early_stopping"]["rounds"] == 0  # too few defaults to hold some out
     assert few.metadata["training"]["params"]["n_estimators"] == 12
-    assert not any("validate" in line for line in lines) and any("12 trees" in line for line in lines)
+    assert any("too few rows of a class" in line and "all 12 rounds" in line for line in lines)
+    assert any("12 trees" in line for line in lines)
+
+    lines.clear()
+    short = train(rows=5_000, seed=SEED, model_dir=store, n_estimators=5, activate=False, log=lines.append)
+    assert short.metadata["training"]["early_stopping"]["best_iteration"] == 5  # still improving at the end
+    assert any("a larger --n-estimators may do better" in line for line in lines)
 
 
 def test_train_cli_rejects_a_negative_early_stopping_rounds(capsys: pytest.CaptureFixture[str]) -> None:

@@ -642,7 +642,12 @@ def train(data: Path | None = None, *, rows: int = 100_000, seed: int = 42, mode
     stop = choose_trees(x_train, y_train, params, seed, early_stopping_rounds)
     if stop.rounds:
         stage("validate", f"early stopping kept {stop.trees} of at most {stop.max_trees} trees "
-                          f"(validation log-loss {stop.validation_log_loss:.4f} on {stop.validation_rows:,} rows)")
+                          f"(validation log-loss {stop.validation_log_loss:.4f} on {stop.validation_rows:,} rows)"
+                          + ("; it was still improving at the last round: a larger --n-estimators may do better"
+                             if stop.trees == stop.max_trees else ""))
+    elif early_stopping_rounds > 0:
+        stage("validate", f"too few rows of a class (< {MIN_CLASS_ROWS_FOR_EARLY_STOPPING}) to hold some out: "
+                          f"no early stopping, all {stop.trees} rounds")
     pipeline = fit_pipeline(x_train, y_train, {**params, "n_estimators": stop.trees}, seed)
     lgbm_params = {k: v for k, v in pipeline.named_steps["lgbm"].get_params().items()
                    if k in DEFAULT_PARAMS or k == "random_state"}
