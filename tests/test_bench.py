@@ -10,9 +10,11 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from credscope.v1 import scoring_pb2
+from server.cached_scoring import matrix_digests
 from tests.helpers import ROOT
 from tools.bench import (
     Applicants,
@@ -65,6 +67,9 @@ def test_applicants_are_valid_and_never_repeat() -> None:
     from server.convert import applicant_to_row
 
     assert all(not applicant_to_row(a)[1] for a in taken)
+    # distinct as the model and the prediction cache see them (float32 rows), not only on the wire
+    rows = np.asarray([applicant_to_row(a)[0] for a in taken], dtype=np.float32)
+    assert len(set(matrix_digests(rows))) == 400
     batches = batch_requests(taken, 100)
     assert len(batches) == 4 and len(scoring_pb2.BatchScoreRequest.FromString(batches[0]).applicants) == 100
 
