@@ -367,13 +367,19 @@ def process_tree(pid: int) -> Iterator[int]:
             continue
 
 
+def stat_cpu(stat_file: Path) -> float:
+    """CPU seconds (user + system) in a ``/proc/<pid>/stat`` or ``/proc/<pid>/task/<tid>/stat`` file
+    (OSError, ValueError or IndexError when it is gone or unreadable)."""
+    fields = stat_file.read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / _TICK
+
+
 def tree_cpu(pid: int) -> float:
     """CPU seconds (user + system) used so far by process ``pid`` and its live descendants."""
     total = 0.0
     for p in process_tree(pid):
         try:
-            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
-            total += (int(fields[11]) + int(fields[12])) / _TICK
+            total += stat_cpu(Path(f"/proc/{p}/stat"))
         except (OSError, ValueError, IndexError):
             continue
     return total

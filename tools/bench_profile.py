@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import os
 import re
 import shutil
 import subprocess  # nosec B404 - starts our own server, credscope-keys and py-spy, no shell
@@ -42,7 +41,6 @@ def thread_counters(pid: int) -> dict[str, tuple[int, float]]:
     process's main thread is ``python``, its other Python threads ``python#<thread id>`` (Python does not name
     them for the OS), a child process's threads have ``child `` in front."""
     out: dict[str, list[float]] = collections.defaultdict(lambda: [0, 0.0])
-    tick = os.sysconf("SC_CLK_TCK")
     for p in bench.process_tree(pid):
         try:
             for task in Path(f"/proc/{p}/task").iterdir():
@@ -52,10 +50,10 @@ def thread_counters(pid: int) -> dict[str, tuple[int, float]]:
                 if p != pid:
                     name = "child " + name
                 status = (task / "status").read_text()
-                fields = (task / "stat").read_text().rpartition(")")[2].split()
+                cpu = bench.stat_cpu(task / "stat")
                 row = out[name]
                 row[0] += sum(int(line.split()[1]) for line in status.splitlines() if "ctxt_switches" in line)
-                row[1] += (int(fields[11]) + int(fields[12])) / tick  # utime + stime
+                row[1] += cpu
         except (OSError, ValueError, IndexError):
             continue
     return {k: (int(v[0]), v[1]) for k, v in out.items()}
@@ -178,8 +176,10 @@ def main(argv: list[str] | None = None) -> int:
             cpu = (bench.tree_cpu(server.proc.pid) - state["cpu"]) / calls * 1e6
             now = thread_counters(server.proc.pid)
             before = state["threads"]
-            per_thread = {k: ((v - before.get(k, (0, 0.0))[0]) / calls, (c - before.get(k, (0, 0.0))[1]) / calls * 1e6)
-                          for k, (v, c) in now.items()}
+            per_thread: dict[str, tuple[float, float]] = {}  # name -> (context switches, CPU µs) per call
+            for k, (v, c) in now.items():
+                v0, c0 = before.get(k, (0, 0.0))
+                per_thread[k] = ((v - v0) / calls, (c - c0) / calls * 1e6)
             busiest = ", ".join(f"{k} {v:.1f}" for k, (v, _) in sorted(per_thread.items(), key=lambda kv: -kv[1][0])[:3])
             by_cpu = ", ".join(f"{k} {c:.0f}" for k, (_, c) in sorted(per_thread.items(), key=lambda kv: -kv[1][1])[:4])
             errors = f"  {res.errors} errors: {res.first_error}" if res.errors else ""

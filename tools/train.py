@@ -463,12 +463,12 @@ def choose_trees(x: np.ndarray, y: np.ndarray, params: dict[str, Any] | None = N
     """
     import lightgbm
 
-    max_trees = int({**DEFAULT_PARAMS, **(params or {})}["n_estimators"])
+    pipeline = build_pipeline(params, seed)
+    max_trees = int(pipeline.named_steps["lgbm"].n_estimators)
     if rounds <= 0 or np.bincount(y, minlength=2).min() < MIN_CLASS_ROWS_FOR_EARLY_STOPPING:
         return EarlyStop(max_trees, max_trees, 0)
     x_fit, x_val, y_fit, y_val = train_test_split(np.asarray(x, dtype=_F32), y, test_size=VALIDATION_FRACTION,
                                                   stratify=y, random_state=seed)
-    pipeline = build_pipeline(params, seed)
     pipeline.fit(x_fit, y_fit, lgbm__eval_X=engineer_features(x_val), lgbm__eval_y=y_val,
                  lgbm__eval_metric="binary_logloss",
                  lgbm__callbacks=[lightgbm.early_stopping(rounds, first_metric_only=True, verbose=False)])
