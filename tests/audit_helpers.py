@@ -12,7 +12,9 @@ from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlparse
 
-from server.audit.records import AuditEntry, PredictionRecord, UsageRecord
+import numpy as np
+
+from server.audit.records import AuditEntry, PredictionBatch, PredictionRecord, UsageRecord
 from server.db import dialect, sqlite_path
 from server.schema import COLUMNS
 
@@ -93,8 +95,9 @@ class TcpProxy:
 def make_entry(i: int, *, prefix: str = "req", created_at: float | None = None, decision: str = "APPROVE",
                risk_level: str = "VERY_LOW", probability: float = 0.05, latency_ms: float = 1.0,
                from_cache: bool = False, predictions: int = 1, status: str = "OK",
-               explanation: list[tuple[str, float | None, float]] | None = None) -> AuditEntry:
-    """An audit entry of call ``i``: one prediction (or ``predictions`` of a batch: ids ``<id>/<k>``)."""
+               explanation: list[tuple[str, float | None, float]] | None = None, columns: bool = False) -> AuditEntry:
+    """An audit entry of call ``i``: one prediction (or ``predictions`` of a batch: ids ``<id>/<k>``, held by
+    column in a :class:`PredictionBatch` when ``columns``, as BatchScore leaves them)."""
     rid = f"{prefix}-{i}"
     row = [float(k % 3) if k % 5 else float("nan") for k in range(len(COLUMNS))]
     preds = []
@@ -107,8 +110,16 @@ def make_entry(i: int, *, prefix: str = "req", created_at: float | None = None, 
     method = "/credscope.v1.ScoringService/" + ("Score" if predictions == 1 else "BatchScore")
     usage = UsageRecord(request_id=rid, method=method, status_code=status, duration_ms=latency_ms + 0.1,
                         key_id="key-1", tier="pro", error=None if status == "OK" else "bad applicant")
+    batch = None
+    if columns and preds:
+        batch = PredictionBatch(rid, list(range(len(preds))), np.array([p.row for p in preds]),
+                                [p.probability for p in preds], [p.decision for p in preds],
+                                [p.risk_level for p in preds], [p.confidence for p in preds], "v-test", latency_ms,
+                                [p.from_cache for p in preds], [p.reason_codes for p in preds],
+                                None if explanation is None else [p.explanation for p in preds])
+        preds = []
     return AuditEntry(created_at=time.time() if created_at is None else created_at, usage=usage,
-                      predictions=preds, client_name="tests")
+                      predictions=preds, client_name="tests", batch=batch)
 
 
 async def fetch(url: str, sql: str) -> list[tuple[Any, ...]]:

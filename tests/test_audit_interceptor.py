@@ -23,7 +23,7 @@ from server.interceptors.request_id import RequestIdInterceptor
 from server.runtime import Runtime
 from server.services.scoring import ScoringService
 from server.settings import AuditSettings, Settings
-from tests.audit_helpers import fetch
+from tests.audit_helpers import eventually, fetch
 from tests.test_api import GOOD
 
 
@@ -125,3 +125,40 @@ async def test_sync_call_that_cannot_be_recorded_answers_unavailable(model_dir: 
     finally:
         await server.stop(None)
         await writer.close(within=1)
+
+
+async def test_a_batch_leaves_the_records_its_response_shows(chain: tuple[Any, str]) -> None:
+    """BatchScore hands its records over by column (``PredictionBatch``, expanded where the rows are shaped):
+    each valid applicant's row says what its result says — input, probability, decision, risk level,
+    confidence, reason codes and the explanation's contributions in rank order — under ``<call>/<position>``."""
+    import json
+    import math
+
+    from server.convert import applicant_to_row
+    from server.schema import COLUMNS
+
+    people = [applicant_from_mapping({**GOOD, "amt_income_total": 50_000 + 7_919 * i, "ext_source_2": 0.05 + 0.3 * i})
+              for i in range(3)]
+    people.insert(1, applicant_from_mapping({**GOOD, "amt_credit": -1}))
+    request = scoring_pb2.BatchScoreRequest(request_id="batch-cols", applicants=people)
+    request.explain.enabled, request.explain.top_k = True, 3
+    stub, url = chain
+    response = await stub.BatchScore(request, timeout=10)
+    sql = ("SELECT request_id, input, probability, decision, risk_level, confidence, model_version, from_cache, "
+           "reason_codes FROM predictions WHERE request_id LIKE 'batch-cols/%'")
+    rows = {r[0]: r[1:] for r in await eventually(lambda: fetch(url, sql))}  # (written behind the call)
+    shap = await fetch(url, "SELECT request_id, rank, feature, shap_value FROM shap_explanations "
+                            "WHERE request_id LIKE 'batch-cols/%' ORDER BY request_id, rank")
+    assert set(rows) == {"batch-cols/0", "batch-cols/2", "batch-cols/3"}
+    for i in (0, 2, 3):
+        p = response.results[i].prediction
+        doc, prob, decision, risk, conf, version, from_cache, codes = rows[f"batch-cols/{i}"]
+        expected = applicant_to_row(people[i])[0]
+        got = json.loads(doc)
+        assert [got[c.name] for c in COLUMNS] == [None if math.isnan(v) else v for v in expected]
+        assert (prob, conf, version, bool(from_cache)) == (p.default_probability, p.confidence, p.model_version, False)
+        assert f"DECISION_{decision}" == scoring_pb2.Decision.Name(p.decision)
+        assert f"RISK_LEVEL_{risk}" == scoring_pb2.RiskLevel.Name(p.risk_level)
+        assert (json.loads(codes) if codes else []) == [r.code for r in p.reasons]
+        assert [(rank, f, s) for rid, rank, f, s in shap if rid == f"batch-cols/{i}"] == [
+            (k, c.feature, c.shap_value) for k, c in enumerate(p.explanation.contributions, start=1)]

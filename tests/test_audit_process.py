@@ -41,7 +41,10 @@ def test_entries_survive_packing() -> None:
     entries = [make_entry(1, predictions=3, explanation=weird), make_entry(2, status="INVALID_ARGUMENT"),
                make_entry(3, from_cache=True)]
     entries[0].predictions[1].reason_codes = ["R1", "R2"]
+    entries.append(make_entry(4, predictions=3, explanation=weird, columns=True))  # a BatchScore's, by column
     back = unpack_entries(pack_entries(entries))
+    assert back[3].batch is None and len(back[3].predictions) == 3  # expanded by the child
+    entries[3].expand()
     assert [b.usage for b in back] == [e.usage for e in entries]
     for b, e in zip(back, entries, strict=True):
         assert (b.created_at, b.client_name, len(b.predictions)) == (e.created_at, e.client_name, len(e.predictions))
@@ -56,10 +59,11 @@ def test_entries_survive_packing() -> None:
 async def test_rows_written_by_the_child_equal_the_in_process_ones(tmp_path: Path) -> None:
     """The same entries written in a thread of this process and by the child give the same rows."""
     expl = [("EXT_SOURCE_MEAN", 0.25, -0.5), ("PAYMENT_RATE", float("inf"), 0.125), ("AGE", None, 0.0625)]
-    entries = [make_entry(i, predictions=1 + i % 3, explanation=expl if i % 2 else None) for i in range(20)]
+    entries = [make_entry(i, predictions=1 + i % 3, explanation=expl if i % 2 else None, columns=i % 4 == 2)
+               for i in range(20)]
     tables = ("predictions", "shap_explanations", "api_usage")
     rows = {}
-    for process in (False, True):
+    for process in (True, False):  # (the child first: the in-process store expands the batches it is given)
         url = f"sqlite:///{tmp_path / f'audit-{process}.db'}"
         from server.audit.store import open_store
 
@@ -69,7 +73,7 @@ async def test_rows_written_by_the_child_equal_the_in_process_ones(tmp_path: Pat
         await store.close()
         rows[process] = {t: await fetch(url, f"SELECT * FROM {t} ORDER BY 1, 2") for t in tables}
     assert rows[True] == rows[False]
-    assert len(rows[True]["predictions"]) == sum(len(e.predictions) for e in entries)
+    assert len(rows[True]["predictions"]) == sum(e.weight - 1 for e in entries)
 
 
 async def test_errors_keep_their_kind(tmp_path: Path) -> None:

@@ -93,8 +93,9 @@ def test_claimed_files_are_locked(tmp_path: Path) -> None:
 
 def test_entries_round_trip_through_the_spool_encoding() -> None:
     entries = [make_entry(1, explanation=[("A", None, 0.5), ("B", 2.0, -0.25)]), make_entry(2, predictions=3),
-               make_entry(3, status="INTERNAL")]
+               make_entry(3, status="INTERNAL"), make_entry(4, predictions=2, columns=True)]
     back = entries_from_json(entries_to_json(entries))
+    assert entries[3].batch is None and len(entries[3].predictions) == 2  # expanded to be spooled
     assert [e.usage for e in back] == [e.usage for e in entries]
     assert [e.created_at for e in back] == [e.created_at for e in entries]
     for a, b in zip(back, entries, strict=True):

@@ -5,7 +5,8 @@ they still hold the worker's GIL for that work (to_rows, binding hundreds of par
 asyncpg's COPY encoding on the event loop) and the serving thread waits for it: a BatchScore of 1,000
 applicants writes 1,000 rows, ~15 ms of CPU, and the next calls waited for the GIL meanwhile. In a child
 process that work runs on its own interpreter (another core when there is one); the worker only packs
-the entries into plain tuples and pickles them (~3 µs a row).
+the entries into plain tuples and pickles them (~3 µs a row; a BatchScore's records go by column, a
+few arrays and lists, ~1 ms for 1,000 applicants all told, and the child expands them).
 
 :class:`ProcessAuditStore` is the parent's side: it implements :class:`~server.audit.store.AuditStore` by
 forwarding every call (write, ping, the statistics, outcomes, replay lookups, challenger rows) to the
@@ -39,7 +40,7 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
-from server.audit.records import AuditEntry, PredictionRecord, UsageRecord
+from server.audit.records import AuditEntry, PredictionBatch, PredictionRecord, UsageRecord
 from server.audit.store import AuditedPrediction, AuditStoreError, FeatureStat, OutcomeResult, Stats
 
 log = logging.getLogger("credscope.audit")
@@ -53,22 +54,27 @@ METHODS = frozenset({"write", "ping", "stats", "top_features", "report_outcome",
 # --- entries as plain tuples (pickled by C code alone: no per-object reducers) --------------------------
 
 def pack_entries(entries: Sequence[AuditEntry]) -> list[tuple[Any, ...]]:
-    """The entries as nested tuples and lists of builtins."""
+    """The entries as nested tuples and lists of builtins (a batch's columns as they are: lists, and its
+    rows as one array), so the child, not the worker, expands a batch into records."""
     out = []
     for e in entries:
-        u = e.usage
+        u, b = e.usage, e.batch
         out.append((e.created_at, e.client_name,
                     (u.request_id, u.method, u.status_code, u.duration_ms, u.key_id, u.tier, u.error),
                     [(p.request_id, p.row, p.probability, p.decision, p.risk_level, p.confidence, p.model_version,
-                      p.latency_ms, p.from_cache, p.explanation, p.reason_codes) for p in e.predictions]))
+                      p.latency_ms, p.from_cache, p.explanation, p.reason_codes) for p in e.predictions],
+                    None if b is None else (b.request_id, b.positions, b.rows, b.probability, b.decision,
+                                            b.risk_level, b.confidence, b.model_version, b.latency_ms,
+                                            b.from_cache, b.reason_codes, b.explanation)))
     return out
 
 
 def unpack_entries(packed: Sequence[tuple[Any, ...]]) -> list[AuditEntry]:
-    """Inverse of :func:`pack_entries`."""
+    """Inverse of :func:`pack_entries` (batches expanded into records)."""
     return [AuditEntry(created_at=created, client_name=client, usage=UsageRecord(*usage),
-                       predictions=[PredictionRecord(*p) for p in preds])
-            for created, client, usage, preds in packed]
+                       predictions=[PredictionRecord(*p) for p in preds]
+                       + ([] if batch is None else PredictionBatch(*batch).records()))
+            for created, client, usage, preds, batch in packed]
 
 
 def _frame(obj: Any) -> bytes:

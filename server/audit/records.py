@@ -3,7 +3,8 @@
 rows, plus ``shap_explanations`` rows when explained).
 
 Servicers append prediction records to the call's :class:`~server.context.RequestContext` with
-:func:`audit_prediction`; the audit interceptor wraps them into an entry when the call ends. Entries
+:func:`audit_prediction` (a batch call leaves one :class:`PredictionBatch` instead, with
+:func:`audit_batch`); the audit interceptor wraps them into an entry when the call ends. Entries
 round-trip through JSON for the spool (:func:`entries_to_json` / :func:`entries_from_json`).
 Imports nothing from grpc.
 """
@@ -17,6 +18,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+import numpy as np
 import orjson
 
 from server import context as rc
@@ -54,6 +56,41 @@ class PredictionRecord:
 
 
 @dataclass(slots=True)
+class PredictionBatch:
+    """The prediction records of one batch call, by column: what 1,000 :class:`PredictionRecord` objects
+    hold, built on the serving path in a few C-speed steps instead of 1,000 objects (and pickled to the
+    audit process as a few arrays and lists instead of 1,000 tuples). :meth:`records` expands it where the
+    rows are shaped: in the audit store's process, or for the spool."""
+
+    request_id: str
+    """The call's request id; the record of the applicant at position ``i`` is ``{request_id}/{i}``."""
+    positions: list[int]
+    """Each record's position in the request."""
+    rows: np.ndarray
+    """The encoded model inputs, float64 ``[len(positions), len(COLUMNS)]`` (NaN = missing)."""
+    probability: Sequence[float]
+    decision: Sequence[str]
+    risk_level: Sequence[str]
+    confidence: Sequence[float]
+    model_version: str
+    latency_ms: float
+    from_cache: Sequence[bool]
+    reason_codes: Sequence[list[str] | None]
+    explanation: Sequence[list[Contribution] | None] | None = None
+
+    def __len__(self) -> int:
+        return len(self.positions)
+
+    def records(self) -> list[PredictionRecord]:
+        rid, version, latency = self.request_id, self.model_version, float(self.latency_ms)
+        explanations = self.explanation if self.explanation is not None else [None] * len(self.positions)
+        return [PredictionRecord(f"{rid}/{i}", row, p, d, r, c, version, latency, fc, e, codes)
+                for i, row, p, d, r, c, fc, e, codes in zip(
+                    self.positions, self.rows.tolist(), self.probability, self.decision, self.risk_level,
+                    self.confidence, self.from_cache, explanations, self.reason_codes, strict=True)]
+
+
+@dataclass(slots=True)
 class UsageRecord:
     """One call (the ``api_usage`` row)."""
 
@@ -77,11 +114,20 @@ class AuditEntry:
     usage: UsageRecord
     predictions: list[PredictionRecord] = field(default_factory=list)
     client_name: str | None = None
+    batch: PredictionBatch | None = None
+    """A batch call's records, by column, until :meth:`expand` adds them to ``predictions``."""
 
     @property
     def weight(self) -> int:
         """Rows this entry writes (explanation rows aside)."""
-        return 1 + len(self.predictions)
+        return 1 + len(self.predictions) + (0 if self.batch is None else len(self.batch))
+
+    def expand(self) -> list[PredictionRecord]:
+        """``predictions``, the batch's records appended to them first (once): for whatever shapes rows."""
+        if self.batch is not None:
+            self.predictions.extend(self.batch.records())
+            self.batch = None
+        return self.predictions
 
     @property
     def created_datetime(self) -> datetime:
@@ -105,6 +151,13 @@ def audit_prediction(request_id: str, row: Sequence[float], result: Any, latency
         latency_ms=float(latency_ms), from_cache=from_cache, explanation=explanation, reason_codes=reason_codes))
 
 
+def audit_batch(batch: PredictionBatch) -> None:
+    """Leave a batch call's predictions, by column, for the audit interceptor (nothing outside a call)."""
+    ctx = rc.current()
+    if ctx is not None:
+        ctx.audit.append(batch)
+
+
 def iso_utc(dt: datetime) -> str:
     """The SQLite timestamp text: ``YYYY-MM-DDTHH:MM:SS.ffffffZ`` (sorts as time)."""
     return dt.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
@@ -124,7 +177,7 @@ def _entry_to_obj(e: AuditEntry) -> dict[str, Any]:
         "p": [[p.request_id, [_num(v) for v in p.row], p.probability, p.decision, p.risk_level, p.confidence,
                p.model_version, p.latency_ms, p.from_cache,
                None if p.explanation is None else [[f, _num(v), s] for f, v, s in p.explanation],
-               p.reason_codes] for p in e.predictions],
+               p.reason_codes] for p in e.expand()],
     }
 
 

@@ -198,7 +198,7 @@ def to_rows(entries: Sequence[AuditEntry], *, yielding: bool = False) -> Rows:
         u = e.usage
         usage.setdefault(u.request_id, (u.request_id, created, u.key_id, u.tier, u.method, u.status_code,
                                         float(u.duration_ms), u.error))
-        for p in e.predictions:
+        for p in e.expand():
             if p.request_id not in preds:
                 preds[p.request_id] = (
                     p.request_id, created, u.key_id, e.client_name, u.method, p.input_json(), float(p.probability),

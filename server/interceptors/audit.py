@@ -24,7 +24,7 @@ from grpc.aio import AbortError
 
 from server import context as rc
 from server import tracing
-from server.audit.records import AuditEntry, UsageRecord
+from server.audit.records import AuditEntry, PredictionBatch, PredictionRecord, UsageRecord
 from server.audit.writer import AuditUnavailable, AuditWriter
 from server.errors import CredScopeError, Unavailable, internal
 from server.interceptors.base import AroundInterceptor, Behavior
@@ -68,7 +68,7 @@ class AuditInterceptor(AroundInterceptor):
                 self.writer.record_nowait(entry)
             else:
                 try:
-                    with tracing.span("credscope.audit.enqueue", predictions=len(entry.predictions)):
+                    with tracing.span("credscope.audit.enqueue", predictions=entry.weight - 1):
                         await self.writer.record(entry)
                 except AuditUnavailable as e:
                     if status == "OK":
@@ -83,6 +83,13 @@ def _entry(method: str, created: float, duration_ms: float, status: str, message
                         status_code=status, duration_ms=duration_ms,
                         key_id=principal.key_id if principal else None, tier=principal.tier if principal else None,
                         error=message)
-    predictions = list(ctx.audit) if ctx and status == "OK" else []
+    predictions: list[PredictionRecord] = []
+    batch: PredictionBatch | None = None
+    if ctx is not None and status == "OK":
+        for record in ctx.audit:
+            if isinstance(record, PredictionBatch):
+                batch = record  # (one per call: a BatchScore's)
+            else:
+                predictions.append(record)
     return AuditEntry(created_at=created, usage=usage, predictions=predictions,
-                      client_name=principal.name if principal else None)
+                      client_name=principal.name if principal else None, batch=batch)

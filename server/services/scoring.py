@@ -16,7 +16,7 @@ import numpy as np
 from credscope.v1 import scoring_pb2, scoring_pb2_grpc
 from server import context as rc
 from server import deadline, input_signals, metrics, tracing
-from server.audit.records import audit_prediction
+from server.audit.records import PredictionBatch, audit_batch, audit_prediction
 from server.audit.writer import AuditWriter
 from server.cached_scoring import Caches, explain_rows, reason_rows, score_rows
 from server.challenger import Challenger
@@ -177,23 +177,23 @@ class ScoringService(scoring_pb2_grpc.ScoringServiceServicer):
             err.message = f"applicant {i} has {len(violations)} invalid field(s)"
             for v in violations:
                 err.field_violations.add(field=v.field, description=v.description)
-        rows: list[list[float]] = encoded.tolist()
+        valid = len(positions)
         scorer = self.runtime.scorer
         response.model_version = scorer.version
-        metrics.prediction_error("invalid_argument", n - len(rows))
+        metrics.prediction_error("invalid_argument", n - valid)
         matrix = encoded.astype(np.float32)
         input_signals.observe(scorer, matrix)
         deadline.check(context, "scoring")
         scoring = EncodedRows(matrix)  # scoring keeps its digests and features for the explanations
-        pairs = await score_rows(scorer, scoring, self.caches) if rows else []
+        pairs = await score_rows(scorer, scoring, self.caches) if valid else []
         scored = [res for res, _ in pairs]
         tracing.set_attributes(model_version=scorer.version, batch_size=n,
                                from_cache=bool(pairs) and all(hit for _, hit in pairs))
-        want = list(range(len(rows))) if top_k is not None else [
+        want = list(range(valid)) if top_k is not None else [
             j for j, (res, _) in enumerate(pairs) if needs_explanation(scorer, res.decision)]
         if want:
             deadline.check(context, "explanation")
-        subset = scoring if len(want) == len(rows) else scoring.take(want)
+        subset = scoring if len(want) == valid else scoring.take(want)
         # The SHAP task starts when this coroutine next yields (the await below), after the predictions and
         # the portfolio are filled in: its explain threads keep both cores busy, so filling in alongside them
         # would only share the cores (starting it first, with a turn of the loop, measured no faster).
@@ -217,10 +217,13 @@ class ScoringService(scoring_pb2_grpc.ScoringServiceServicer):
                 codes.append(adverse_codes(prediction.reasons, scorer, res, done.get(j)))
         response.timestamp.CopyFrom(timestamp(time.time()))
         response.processing_time_ms = (time.perf_counter() - started) * 1000.0
-        for p, row, reason_codes, (res, from_cache) in zip(predictions, rows, codes, pairs, strict=True):
-            audit_prediction(p.request_id, row, res, response.processing_time_ms, from_cache=from_cache,
-                             explanation=explanation_of(p) if top_k is not None else None, reason_codes=reason_codes)
-        if self.challenger is not None and rows:  # shadow scoring, queued without waiting
+        if valid:  # the audit records, by column (expanded off the serving path)
+            probability, decision, risk_level, confidence, _ = zip(*scored, strict=True)
+            audit_batch(PredictionBatch(
+                request_id, positions, encoded, probability, decision, risk_level, confidence, scorer.version,
+                response.processing_time_ms, [hit for _, hit in pairs], codes,
+                [explanation_of(p) for p in predictions] if top_k is not None else None))
+        if self.challenger is not None and valid:  # shadow scoring, queued without waiting
             self.challenger.offer([f"{request_id}/{i}" for i in positions], matrix)
         return response
 
