@@ -1109,7 +1109,8 @@ def plot(report: dict[str, Any], path: Path) -> str | None:
     axes[0].set(title="throughput (unary calls)", xlabel="calls in flight", ylabel="requests/s", xscale="log")
     axes[1].set(title="p99 latency", xlabel="calls in flight", ylabel="ms", xscale="log", yscale="log")
     axes[1].axhline(5, color="grey", linestyle="--", linewidth=1)
-    axes[0].legend(fontsize=7)
+    if series:  # (a run of BatchScore scenarios alone has no unary series)
+        axes[0].legend(fontsize=7)
     if batch:
         names = [f"{r['config']}\n{r['scenario']} c={r['concurrency']}" for r in batch]
         axes[2].bar(range(len(batch)), [r["p50"] for r in batch], label="p50")

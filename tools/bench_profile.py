@@ -116,6 +116,8 @@ def parser() -> argparse.ArgumentParser:
                    help="a setting for the server (repeatable), e.g. CREDSCOPE_CACHE__ENABLED=false")
     p.add_argument("--echo", action="store_true", help="profile the bench's empty echo server instead")
     p.add_argument("--py-spy", type=Path, metavar="OUT", help="record the last round with py-spy into OUT (raw)")
+    p.add_argument("--native", action="store_true", help="with --py-spy: native frames too (C extensions: "
+                   "onnxruntime, gRPC's Cython, libc calls such as lock syscalls)")
     p.add_argument("--top", type=int, default=25, help="functions listed from the py-spy record (default 25)")
     return p
 
@@ -168,7 +170,8 @@ def main(argv: list[str] | None = None) -> int:
                 if record:
                     state["spy"] = subprocess.Popen(  # noqa: S603  # nosec B603 - py-spy on our own server
                         [spy, "record", "-p", str(server.proc.pid), "-r", "200", "-d", str(max(1, int(a.seconds))),
-                         "--format", "raw", "-o", str(a.py_spy), "--threads", *(["-s"] if a.workers > 1 else [])],
+                         "--format", "raw", "-o", str(a.py_spy), "--threads", *(["-s"] if a.workers > 1 else []),
+                         *(["--native"] if a.native else [])],
                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
             res = run_load(spec, started)
