@@ -22,6 +22,7 @@ from tools.bench import (
     batch_requests,
     parse_key,
     score_requests,
+    settle,
     start_process,
     tree_cpu,
 )
@@ -239,3 +240,29 @@ def test_profile_harness_runs_and_reads_py_spy_records(model_dir: Path, tmp_path
                    "thread (1): MainThread;main (a.py:1);serve (a.py:6) 10\n"
                    "thread (2): Thread-1;poll (c.py:2) 99\n")
     assert summarize(raw) == [(75.0, "score (b.py)")]  # main and serve are on every sample: left out
+
+
+def test_settle_waits_for_a_busy_server_to_go_idle_and_counts_its_cpu() -> None:
+    """Between runs the bench waits for the server's work left behind (bounded) and counts its CPU."""
+    busy = subprocess.Popen([sys.executable, "-c", "import time\nend = time.monotonic() + 1.0\n"
+                             "while time.monotonic() < end: pass\ntime.sleep(30)"])
+    try:
+        time.sleep(0.1)
+        started = time.monotonic()
+        used = settle(busy.pid)
+        waited = time.monotonic() - started
+        assert busy.poll() is None  # still there, idle
+        assert 0.5 <= used <= 1.5 and 0.6 <= waited < 5, (used, waited)
+        started = time.monotonic()
+        assert settle(busy.pid) < 0.05 and time.monotonic() - started < 1.5  # idle: one window
+        started = time.monotonic()
+        spin = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+        try:
+            settle(spin.pid, limit=1.0)  # never idle: the bound ends the wait
+            assert time.monotonic() - started < 3
+        finally:
+            spin.kill()
+            spin.wait()
+    finally:
+        busy.kill()
+        busy.wait()

@@ -385,6 +385,32 @@ def tree_cpu(pid: int) -> float:
     return total
 
 
+SETTLE_WINDOW = 0.3
+"""Seconds over which a server counts as idle when it used at most SETTLE_BUSY of one core."""
+SETTLE_BUSY = 0.1
+SETTLE_LIMIT = 30.0
+"""Longest wait for a server to go idle before or after a run."""
+
+
+def settle(pid: int, limit: float = SETTLE_LIMIT) -> float:
+    """Wait (at most ``limit`` seconds) until process ``pid`` and its descendants are idle — at most
+    SETTLE_BUSY of one core over SETTLE_WINDOW seconds — and return the CPU seconds they used meanwhile.
+
+    A run leaves work behind it (the audit rows its calls queued, writes behind to Redis): settling after a
+    run counts that work in the run's CPU per call, and settling before the next keeps it out of the next
+    run's latency."""
+    start = tree_cpu(pid)
+    deadline = time.monotonic() + limit
+    before = start
+    while time.monotonic() < deadline:
+        time.sleep(SETTLE_WINDOW)
+        now = tree_cpu(pid)
+        if now - before <= SETTLE_BUSY * SETTLE_WINDOW:
+            return now - start
+        before = now
+    return tree_cpu(pid) - start
+
+
 def sqlite_count(path: Path, table: str) -> int | None:
     import sqlite3
 
@@ -493,11 +519,14 @@ class Bench:
     def _load(self, spec: LoadSpec, pid: int | None) -> LoadResult | str:
         """One bounded run (with the server's CPU per call when ``pid`` is given), or why it failed."""
         cpu: list[float] = []
+        if pid:  # the previous run's work left behind (audit rows, writes behind) is not this run's
+            settle(pid)
         try:
             res: LoadResult = run_load(spec, on_start=(lambda: cpu.append(tree_cpu(pid))) if pid else None)
         except Exception as e:  # noqa: BLE001 - one failed run is reported, the bench goes on
             return str(e)
         if cpu and res.requests:
+            settle(pid)  # and this run's own work left behind counts in its CPU per call
             res.server_cpu_us = (tree_cpu(pid) - cpu[0]) / res.requests * 1e6  # type: ignore[arg-type]
         return res
 
