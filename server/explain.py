@@ -110,26 +110,96 @@ class Contribution(NamedTuple):
         return "increases" if self.shap_value > 0.0 else "decreases"
 
 
-@dataclass(frozen=True, slots=True)
 class Explanation:
     """Base value plus contributions, largest absolute SHAP value first.
 
     ``base_value + sum(c.shap_value for c in contributions)`` is the model's margin (log-odds) when
     ``contributions`` holds every feature (as :meth:`Explainer.explain` returns it); :meth:`top`
-    keeps the first k.
+    keeps the first k. Treat it as immutable.
+
+    It is held by column — :attr:`names`, :attr:`values` (NaN = missing), :attr:`shap_values`, in rank order
+    — and makes its :class:`Contribution` objects only when :attr:`contributions` is read: a served
+    explanation sends its top 5 of 40, its reasons and its cache entry read the columns, so 35 of the 40
+    named tuples a call used to build were never looked at.
     """
 
-    base_value: float
-    contributions: tuple[Contribution, ...]
+    __slots__ = ("_contributions", "_names", "_shaps", "_values", "base_value")
+
+    def __init__(self, base_value: float, contributions: Sequence[Contribution] = ()) -> None:
+        self.base_value = base_value
+        self._contributions: tuple[Contribution, ...] | None = tuple(contributions)
+        self._names: Sequence[str] | None = None
+        self._values: list[float] | None = None
+        self._shaps: list[float] | None = None
+
+    @classmethod
+    def of_columns(cls, base_value: float, names: Sequence[str], values: list[float], shaps: list[float]
+                   ) -> Explanation:
+        """An explanation from its columns in rank order (``values``: NaN for a missing value)."""
+        e = cls.__new__(cls)
+        e.base_value = base_value
+        e._contributions = None
+        e._names, e._values, e._shaps = names, values, shaps
+        return e
+
+    def _columns(self) -> tuple[Sequence[str], list[float], list[float]]:
+        if self._names is None or self._values is None or self._shaps is None:
+            c = self._contributions or ()
+            self._names = [x.feature for x in c]
+            self._values = [math.nan if x.value is None else x.value for x in c]
+            self._shaps = [x.shap_value for x in c]
+        return self._names, self._values, self._shaps
+
+    @property
+    def contributions(self) -> tuple[Contribution, ...]:
+        if self._contributions is None:
+            names, values, shaps = self._columns()
+            self._contributions = tuple(Contribution(f, None if v != v else v, s)
+                                        for f, v, s in zip(names, values, shaps, strict=True))
+        return self._contributions
+
+    @property
+    def names(self) -> Sequence[str]:
+        """The features, in rank order."""
+        return self._columns()[0]
+
+    @property
+    def values(self) -> list[float]:
+        """The features' values as the trees saw them, in rank order (NaN = missing)."""
+        return self._columns()[1]
+
+    @property
+    def shap_values(self) -> list[float]:
+        """The SHAP values, in rank order."""
+        return self._columns()[2]
+
+    def __len__(self) -> int:
+        return len(self._names) if self._names is not None else len(self._contributions or ())
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Explanation):
+            return NotImplemented
+        return self.base_value == other.base_value and self.contributions == other.contributions
+
+    def __hash__(self) -> int:
+        return hash((self.base_value, self.contributions))
+
+    def __repr__(self) -> str:
+        return f"Explanation(base_value={self.base_value!r}, contributions={self.contributions!r})"
 
     def top(self, k: int) -> Explanation:
         """The same explanation with only the ``k`` largest contributions."""
-        return self if k >= len(self.contributions) else Explanation(self.base_value, self.contributions[:k])
+        if k >= len(self):
+            return self
+        if self._contributions is not None:
+            return Explanation(self.base_value, self._contributions[:k])
+        names, values, shaps = self._columns()
+        return Explanation.of_columns(self.base_value, names[:k], values[:k], shaps[:k])
 
     @property
     def margin(self) -> float:
         """base value + the sum of the contributions held (the margin when all are held)."""
-        return self.base_value + math.fsum(c.shap_value for c in self.contributions)
+        return self.base_value + math.fsum(self.shap_values)
 
     @property
     def ranked(self) -> list[tuple[str, float | None, float]]:
@@ -153,11 +223,9 @@ class Explanation:
         every float, infinities included); :meth:`from_bytes` reads it back. Layout: ``E1``, base value and
         count (``<dI``), the values (float64, NaN = missing), the SHAP values (float64), the feature names
         (UTF-8, separated by US, 0x1F)."""
-        c = self.contributions
-        values = array("d", [math.nan if x.value is None else x.value for x in c])
-        shaps = array("d", [x.shap_value for x in c])
-        names = "\x1f".join([x.feature for x in c]).encode()
-        return _BYTES_MAGIC + _BYTES_HEAD.pack(self.base_value, len(c)) + values.tobytes() + shaps.tobytes() + names
+        names, values, shaps = self._columns()
+        return (_BYTES_MAGIC + _BYTES_HEAD.pack(self.base_value, len(names)) + array("d", values).tobytes()
+                + array("d", shaps).tobytes() + "\x1f".join(names).encode())
 
     @classmethod
     def from_bytes(cls, data: bytes) -> Explanation:
@@ -176,8 +244,7 @@ class Explanation:
         names = data[end:].decode().split("\x1f") if n else []
         if len(names) != n:
             raise ValueError("explanation names do not match its values")
-        return cls(base, tuple(Contribution(f, None if v != v else v, s)
-                               for f, v, s in zip(names, values.tolist(), shaps.tolist(), strict=True)))
+        return cls.of_columns(base, names, values.tolist(), shaps.tolist())
 
     @classmethod
     def from_cached(cls, data: Any) -> Explanation:
@@ -548,10 +615,8 @@ class Explainer:
     def _explanation(self, values: np.ndarray, phi: np.ndarray) -> Explanation:
         order = np.argsort(-np.abs(phi), kind="stable")
         names = self.feature_names
-        vals = values.astype(np.float64).tolist()
-        shaps = phi.tolist()
-        return Explanation(self.base_value, tuple(
-            Contribution(names[j], None if math.isnan(vals[j]) else vals[j], shaps[j]) for j in order.tolist()))
+        return Explanation.of_columns(self.base_value, [names[j] for j in order.tolist()],
+                                      values.astype(np.float64)[order].tolist(), phi[order].tolist())
 
 
 def explainer_for(model: Any, reference_rows: int = 2000) -> Explainer:

@@ -195,6 +195,11 @@ def test_binary_form_is_exact_and_refuses_what_it_did_not_write() -> None:
                            Contribution("CREDIT_TO_INCOME", -math.inf, 5e-324), Contribution("x é", 1e308, -1.5)))
     back = Explanation.from_bytes(e.to_bytes())
     assert back == e and math.copysign(1, back.contributions[1].shap_value) == -1
+    # held by column (as explanations are made and read back): the same explanation, the same bytes
+    columns = Explanation.of_columns(e.base_value, list(e.names), list(e.values), list(e.shap_values))
+    assert columns == e and columns.to_bytes() == e.to_bytes() and back.to_bytes() == e.to_bytes()
+    assert columns.top(2) == e.top(2) and len(columns.top(2)) == 2 and columns.top(9) is columns
+    assert hash(columns) == hash(e) and columns.margin == e.margin and columns.values[1] != columns.values[1]
     assert Explanation.from_bytes(Explanation(0.5, ()).to_bytes()) == Explanation(0.5, ())
     data = e.to_bytes()
     for bad in (b"", b"E1", data[:-3] + b"\xff\xfe\xfd", data[:20], b"J1" + data[2:], b'{"base_value": 1}'):

@@ -13,6 +13,7 @@ import pytest
 from client import CredScopeClient
 from credscope.v1 import scoring_pb2
 from server.convert import applicant_to_row, rows_to_matrix
+from server.explain import Explanation
 from server.reasons import DEFAULT, DEFAULT_CATALOGUE, MAX_REASONS, Catalogue, CatalogueError, catalogue_of
 from server.schema import COLUMN_NAMES, MODEL_FEATURES
 from server.scoring import Scorer
@@ -120,6 +121,23 @@ def test_fast_reason_codes_equal_the_codes_of_the_explanation(scorer: Scorer) ->
     fast = catalogue.weight_matrix(phi, scorer.explainer.feature_names)  # type: ignore[union-attr]
     for i in range(0, 300, 13):
         assert fast[i].tolist() == catalogue.weights(explanations[i])  # identical, not just close
+    for i in range(300):  # also through the explanation's contributions (its other form)
+        assert fast[i].tolist() == catalogue.weights(Explanation(explanations[i].base_value,
+                                                                 explanations[i].contributions))
+
+
+def test_reasons_of_many_explanations_keep_no_state_per_applicant(scorer: Scorer) -> None:
+    """Each explanation ranks the features its own way; the catalogue once kept a column map per ranking
+    (one entry per explained applicant, never freed). Now: one map, for the explainer's feature order."""
+    sample = scorer.model.metadata["reference"]["sample"]
+    m = np.array([[np.nan if v is None else v for v in row] for row in sample["rows"][:500]], dtype=np.float32)
+    catalogue = catalogue_of(scorer.model.metadata, scorer.version)
+    explanations = scorer.explain(m)
+    assert len({tuple(e.names[:10]) for e in explanations}) > 100  # many rankings
+    for e in explanations:
+        catalogue.reasons_for(e)
+    scorer.reason_codes(m)
+    assert len(catalogue._column_cache) <= 1  # noqa: SLF001
 
 
 def test_server_returns_and_audits_reasons(server, client: CredScopeClient, scorer: Scorer) -> None:  # type: ignore[no-untyped-def]
