@@ -342,7 +342,8 @@ async def score_rows(scorer: Scorer, matrix: np.ndarray | EncodedRows, caches: C
 
     One lookup for all rows, one model call for the misses, one write (behind, over the network) for the
     newly scored rows. Without caches (or disabled) it is ``scorer.score``. Given :class:`EncodedRows`, their
-    digests are kept, and their ``features`` set when the model scored every row (no row from the cache).
+    digests are kept, and their ``features`` set for the rows the model scored (``known`` marks them when
+    some rows came from the cache).
     """
     rows = EncodedRows.of(matrix)
     n = len(rows)
@@ -360,7 +361,12 @@ async def score_rows(scorer: Scorer, matrix: np.ndarray | EncodedRows, caches: C
         metrics.predictions(hits)  # served decisions count as predictions, cached or not
     if not missing:
         return [(r, True) for r in found]  # type: ignore[misc]
-    scored = scorer.score(rows if len(missing) == n else rows.matrix[missing])
+    if len(missing) == n:
+        scored = scorer.score(rows)
+    else:  # the misses alone; their features are kept for the explanations of those rows
+        part = rows.take(missing)
+        scored = scorer.score(part)
+        rows.with_features_of(missing, part)
     out: list[tuple[ScoreResult, bool]] = [(r, True) if r is not None else None for r in found]  # type: ignore[misc]
     for i, result in zip(missing, scored, strict=True):
         out[i] = (result, False)

@@ -33,15 +33,18 @@ class EncodedRows:
     """An encoded float32 matrix ``[N, len(COLUMNS)]`` on its way through one call, with what was learned
     of it on the way: its rows' cache digests (computed once, for the prediction and the explanation
     caches) and ``features``, the matrix the trees see, when the run of the graph that scored these rows
-    also gave it (explanations start from it instead of running the graph again)."""
+    also gave it (explanations start from it instead of running the graph again). When that run scored only
+    some of the rows (the others came from the prediction cache), ``known`` marks the rows of ``features``
+    it gave (None: all of them)."""
 
-    __slots__ = ("digests", "features", "matrix")
+    __slots__ = ("digests", "features", "known", "matrix")
 
     def __init__(self, matrix: np.ndarray, features: np.ndarray | None = None,
-                 digests: list[str] | None = None) -> None:
+                 digests: list[str] | None = None, known: np.ndarray | None = None) -> None:
         self.matrix = matrix
         self.features = features
         self.digests = digests
+        self.known = known
 
     @classmethod
     def of(cls, x: np.ndarray | EncodedRows) -> EncodedRows:
@@ -56,7 +59,23 @@ class EncodedRows:
         digests = self.digests
         if digests is not None:
             digests = digests[pick] if isinstance(pick, slice) else [digests[i] for i in pick]
-        return EncodedRows(self.matrix[pick], None if self.features is None else self.features[pick], digests)
+        features = None if self.features is None else self.features[pick]
+        known = None if self.known is None else self.known[pick]
+        if known is not None and known.all():
+            known = None
+        elif known is not None and not known.any():
+            features, known = None, None
+        return EncodedRows(self.matrix[pick], features, digests, known)
+
+    def with_features_of(self, rows: Sequence[int], scored: EncodedRows) -> None:
+        """Keep the features a scoring run of ``scored`` (these rows at positions ``rows``) gave."""
+        if scored.features is None or scored.known is not None:
+            return
+        features = np.full((len(self), scored.features.shape[1]), np.nan, dtype=scored.features.dtype)
+        features[rows] = scored.features
+        known = np.zeros(len(self), dtype=np.bool_)
+        known[rows] = True
+        self.features, self.known = features, known
 
 
 class Scorer:
@@ -84,6 +103,7 @@ class Scorer:
             if isinstance(rows, EncodedRows):
                 if self.explainer is not None and self.model.features_output is not None:
                     probs, rows.features = self.model.predict(rows.matrix)
+                    rows.known = None
                 else:
                     probs = self.model.predict_proba(rows.matrix)
             else:
@@ -105,10 +125,17 @@ class Scorer:
         return out
 
     def _features(self, rows: np.ndarray | EncodedRows) -> np.ndarray:
-        """The feature matrix of ``rows``: the one their scoring run gave, else a run of the graph."""
-        if isinstance(rows, EncodedRows):
-            return rows.features if rows.features is not None else self.model.transform(rows.matrix)
-        return self.model.transform(rows)
+        """The feature matrix of ``rows``: what their scoring run gave, the graph run for the rest."""
+        if not isinstance(rows, EncodedRows):
+            return self.model.transform(rows)
+        if rows.features is None:
+            return self.model.transform(rows.matrix)
+        if rows.known is None:
+            return rows.features
+        features = rows.features.copy()
+        todo = ~rows.known
+        features[todo] = self.model.transform(rows.matrix[todo])
+        return features
 
     def explain(self, rows: np.ndarray | EncodedRows) -> list[Explanation]:
         """TreeSHAP explanations (every feature, largest first) of a raw float32 matrix [N, len(COLUMNS)].

@@ -267,6 +267,31 @@ async def test_the_scoring_run_gives_the_explanations_their_features(model, cach
     assert scorer.transforms == [2]
 
 
+async def test_partly_cached_rows_keep_the_features_of_the_rows_scored(model, caches: Caches) -> None:  # type: ignore[no-untyped-def]
+    """When some rows come from the cache, the scoring run of the others still gives their features: the
+    explanations of scored rows need no second run of the graph, and rows from the cache get theirs from one
+    run over those rows alone — the same bits either way."""
+    scorer = TransformCounting(model)
+    old, new = varied_rows(20, seed=41), varied_rows(20, seed=42)
+    await score_rows(scorer, EncodedRows(old), caches)
+    await drain(caches)
+    m = np.concatenate([old[:10], new[:10], old[10:], new[10:]])  # cached rows at 0-9 and 20-29
+    rows = EncodedRows(m)
+    pairs = await score_rows(scorer, rows, caches)
+    assert [hit for _, hit in pairs] == [True] * 10 + [False] * 10 + [True] * 10 + [False] * 10
+    assert rows.known is not None and rows.known.tolist() == [hit is False for _, hit in pairs]
+    fresh = Scorer(model)
+    scored_rows = [12, 35, 19, 30]
+    assert scorer.reason_codes(rows.take(scored_rows)) == fresh.reason_codes(m[scored_rows])
+    assert scorer.explain(rows.take(scored_rows)) == fresh.explain(m[scored_rows])
+    assert scorer.transforms == []  # their features came from the scoring run
+    mixed = [3, 12, 25, 35]  # two from the cache, two scored
+    assert scorer.reason_codes(rows.take(mixed)) == fresh.reason_codes(m[mixed])
+    assert scorer.explain(rows.take(mixed)) == fresh.explain(m[mixed])
+    assert scorer.transforms == [2, 2]  # the graph ran for the two cached rows only
+    assert rows.take([0, 21]).features is None  # from the cache alone: nothing kept
+
+
 async def test_unreadable_value_is_a_miss_not_a_hit(model) -> None:  # type: ignore[no-untyped-def]
     pred = MemoryCache(10, 60)
     caches = Caches.from_backends(pred, MemoryCache(10, 60))
