@@ -175,3 +175,23 @@ def test_server_returns_and_audits_reasons(server, client: CredScopeClient, scor
 
     audited = asyncio.run(eventually(rows))
     assert audited == {rejected.request_id: codes, approved.request_id: [], preds[2].request_id: codes}
+
+
+def test_ranking_many_rows_at_once_equals_ranking_each_row(scorer: Scorer) -> None:
+    """``codes_for`` ranks a batch with numpy: the same codes as :meth:`Catalogue.ranked` row by row, ties
+    (broken by code), zero and negative weights (never a reason) and rows with fewer than 4 reasons included."""
+    catalogue = catalogue_of(scorer.model.metadata, scorer.version)
+    rng = np.random.default_rng(7)
+    weights = np.round(rng.random((3000, len(catalogue.reasons))) * 4) / 4 - 0.5  # many ties, zeros, negatives
+    weights[::5] = -1.0  # no reason at all
+    weights[1::7, 2:] = 0.0  # at most two
+
+    class Fixed(Catalogue):
+        def weight_matrix(self, phi: np.ndarray, feature_names: object) -> np.ndarray:  # type: ignore[override]
+            return weights[: len(phi)]
+
+    fixed = Fixed(catalogue.version, catalogue.reasons, catalogue.features, catalogue.embedded)
+    for n in (3000, 9, 3):  # numpy from 8 rows on, Python below
+        got = fixed.codes_for(np.zeros((n, 1)), ())
+        assert got == [[r.code for r in fixed.ranked(w)] for w in weights[:n].tolist()]
+    assert {len(c) for c in fixed.codes_for(np.zeros((3000, 1)), ())} == {0, 1, 2, 3, 4}
