@@ -38,7 +38,7 @@ from server.portfolio_convert import (
     loan_parameters_from_proto,
     portfolio_of,
 )
-from server.reasons import adverse_codes, adverse_reasons, needs_explanation
+from server.reasons import adverse_codes, adverse_reasons, is_adverse, needs_explanation
 from server.runtime import Runtime
 from server.scoring import EncodedRows, Scorer
 from server.services.audit import explanation_of, report_outcome
@@ -208,13 +208,16 @@ class ScoringService(scoring_pb2_grpc.ScoringServiceServicer):
         finally:
             if pending is not None and not pending.done():
                 pending.cancel()
-        codes: list[list[str] | None] = []
-        for j, (prediction, (res, _)) in enumerate(zip(predictions, pairs, strict=True)):
-            if top_k is not None:  # explanations asked for: the reasons come from them
+        codes: list[list[str] | None]
+        if top_k is not None:  # explanations asked for: the reasons come from them
+            codes = []
+            for j, (prediction, (res, _)) in enumerate(zip(predictions, pairs, strict=True)):
                 fill_explanation(prediction.explanation, done[j].top(top_k))
                 codes.append(adverse_reasons(prediction.reasons, scorer, res, done.get(j)))
-            else:  # only the adverse decisions, and only their reason codes
-                codes.append(adverse_codes(prediction.reasons, scorer, res, done.get(j)))
+        else:  # only the adverse decisions have reasons: [] for the others, None where none could be computed
+            codes = [None if is_adverse(res.decision) else [] for res in scored]
+            for j, value in done.items():
+                codes[j] = adverse_codes(predictions[j].reasons, scorer, scored[j], value)
         response.timestamp.CopyFrom(timestamp(time.time()))
         response.processing_time_ms = (time.perf_counter() - started) * 1000.0
         if valid:  # the audit records, by column (expanded off the serving path)
