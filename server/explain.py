@@ -176,6 +176,9 @@ class Explanation:
     def __len__(self) -> int:
         return len(self._names) if self._names is not None else len(self._contributions or ())
 
+    def __bool__(self) -> bool:  # an explanation is there even when it holds no contribution
+        return True
+
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Explanation):
             return NotImplemented

@@ -134,7 +134,7 @@ class Catalogue:
             for f in feats:
                 v = shap.get(f)
                 if v is not None:
-                    w += v if v > 0.0 else 0.0
+                    w += v if v > 0.0 or v != v else 0.0  # (a NaN stays NaN, as np.maximum keeps it)
             out.append(w)
         return out
 

@@ -162,3 +162,27 @@ async def test_a_batch_leaves_the_records_its_response_shows(chain: tuple[Any, s
         assert (json.loads(codes) if codes else []) == [r.code for r in p.reasons]
         assert [(rank, f, s) for rid, rank, f, s in shap if rid == f"batch-cols/{i}"] == [
             (k, c.feature, c.shap_value) for k, c in enumerate(p.explanation.contributions, start=1)]
+
+
+def test_every_batch_a_call_leaves_is_recorded() -> None:
+    """A call leaves one PredictionBatch (BatchScore); should one leave two, the entry keeps both."""
+    import numpy as np
+
+    from server.audit.records import PredictionBatch, audit_batch
+    from server.interceptors.audit import _entry
+
+    def batch(rid: str) -> PredictionBatch:
+        return PredictionBatch(rid, [0, 1], np.zeros((2, 3)), [0.1, 0.2], ["APPROVE"] * 2, ["LOW"] * 2,
+                               [0.9, 0.8], "v", 1.0, [False, True], [[], []])
+
+    token = rc._current.set(None)  # noqa: SLF001
+    try:
+        rc.begin("call-1", "/credscope.v1.ScoringService/BatchScore")
+        audit_batch(batch("a"))
+        audit_batch(batch("b"))
+        entry = _entry("/credscope.v1.ScoringService/BatchScore", 0.0, 1.0, "OK", None)
+    finally:
+        rc._current.reset(token)  # noqa: SLF001
+    assert entry.weight == 5
+    assert [p.request_id for p in entry.expand()] == ["a/0", "a/1", "b/0", "b/1"]
+    assert [p.from_cache for p in entry.predictions] == [False, True, False, True]

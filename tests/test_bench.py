@@ -252,7 +252,7 @@ def test_settle_waits_for_a_busy_server_to_go_idle_and_counts_its_cpu() -> None:
         used = settle(busy.pid)
         waited = time.monotonic() - started
         assert busy.poll() is None  # still there, idle
-        assert 0.5 <= used <= 1.5 and 0.6 <= waited < 5, (used, waited)
+        assert 0.25 <= used <= 1.5 and 0.6 <= waited < 5, (used, waited)  # (less than a core on a busy host)
         started = time.monotonic()
         assert settle(busy.pid) < 0.05 and time.monotonic() - started < 1.5  # idle: one window
         started = time.monotonic()

@@ -200,6 +200,7 @@ def test_binary_form_is_exact_and_refuses_what_it_did_not_write() -> None:
     assert columns == e and columns.to_bytes() == e.to_bytes() and back.to_bytes() == e.to_bytes()
     assert columns.top(2) == e.top(2) and len(columns.top(2)) == 2 and columns.top(9) is columns
     assert hash(columns) == hash(e) and columns.margin == e.margin and columns.values[1] != columns.values[1]
+    assert Explanation(0.5, ()) and not Explanation(0.5, ()).contributions  # there, though empty
     assert Explanation.from_bytes(Explanation(0.5, ()).to_bytes()) == Explanation(0.5, ())
     data = e.to_bytes()
     for bad in (b"", b"E1", data[:-3] + b"\xff\xfe\xfd", data[:20], b"J1" + data[2:], b'{"base_value": 1}'):

@@ -195,3 +195,16 @@ def test_ranking_many_rows_at_once_equals_ranking_each_row(scorer: Scorer) -> No
         got = fixed.codes_for(np.zeros((n, 1)), ())
         assert got == [[r.code for r in fixed.ranked(w)] for w in weights[:n].tolist()]
     assert {len(c) for c in fixed.codes_for(np.zeros((3000, 1)), ())} == {0, 1, 2, 3, 4}
+
+
+def test_a_nan_shap_value_weighs_the_same_from_an_explanation_and_from_the_matrix(scorer: Scorer) -> None:
+    """Both ways keep a NaN (no reason of NaN weight is given), so Score, BatchScore and replay agree."""
+    catalogue = catalogue_of(scorer.model.metadata, scorer.version)
+    names = list(scorer.model.features)
+    phi = np.linspace(-0.5, 0.5, len(names))
+    phi[names.index(catalogue.features[0][0])] = np.nan
+    explanation = Explanation.of_columns(0.0, names, [0.0] * len(names), phi.tolist())
+    from_matrix = catalogue.weight_matrix(phi[None, :], names)[0].tolist()
+    assert repr(catalogue.weights(explanation)) == repr(from_matrix) and np.isnan(from_matrix[0])
+    assert catalogue.codes_for(np.repeat(phi[None, :], 9, axis=0), names)[0] == [
+        r.code for r in catalogue.reasons_for(explanation)]

@@ -408,6 +408,8 @@ def settle(pid: int, limit: float = SETTLE_LIMIT) -> float:
         if now - before <= SETTLE_BUSY * SETTLE_WINDOW:
             return now - start
         before = now
+    print(f"  (the server, pid {pid}, was still busy after {limit:.0f} s; measuring anyway)", file=sys.stderr,
+          flush=True)
     return tree_cpu(pid) - start
 
 

@@ -55,7 +55,7 @@ class PredictionRecord:
         return orjson.dumps(dict(zip(COLUMN_NAMES, self.row, strict=True)), option=orjson.OPT_SERIALIZE_NUMPY).decode()
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, eq=False)
 class PredictionBatch:
     """The prediction records of one batch call, by column: what 1,000 :class:`PredictionRecord` objects
     hold, built on the serving path in a few C-speed steps instead of 1,000 objects (and pickled to the
@@ -123,9 +123,11 @@ class AuditEntry:
         return 1 + len(self.predictions) + (0 if self.batch is None else len(self.batch))
 
     def expand(self) -> list[PredictionRecord]:
-        """``predictions``, the batch's records appended to them first (once): for whatever shapes rows."""
-        if self.batch is not None:
-            self.predictions.extend(self.batch.records())
+        """``predictions``, with the batch's records added first (once): for whatever shapes rows. The new
+        list is built aside and then set, so a reader never sees a list half extended."""
+        batch = self.batch
+        if batch is not None:
+            self.predictions = [*self.predictions, *batch.records()]
             self.batch = None
         return self.predictions
 

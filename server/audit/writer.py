@@ -24,6 +24,7 @@ import logging
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 from server import metrics
 from server.audit.records import AuditEntry, entries_from_json, entries_to_json
@@ -307,7 +308,7 @@ class AuditWriter:
                 except AuditStoreError as one:
                     if not one.permanent:
                         raise
-                    path = await asyncio.to_thread(self.spool.reject, entries_to_json([entry]))
+                    path = await asyncio.to_thread(self._reject, entry)  # (a batch expands to 1,000 rows)
                     self.counters.entries_rejected += 1
                     log.error("audit record of request %s refused by the database (%s); kept in %s",
                               entry.usage.request_id, one, path)
@@ -315,6 +316,10 @@ class AuditWriter:
                     self._count(1, entry.weight)
             return
         self._count(1, sum(e.weight for e in entries))
+
+    def _reject(self, entry: AuditEntry) -> Path:
+        """Set aside an entry the database refuses (in a thread: encoding it is the work)."""
+        return self.spool.reject(entries_to_json([entry]))
 
     def _count(self, transactions: int, rows: int) -> None:
         self._db_ok = True

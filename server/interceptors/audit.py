@@ -88,7 +88,9 @@ def _entry(method: str, created: float, duration_ms: float, status: str, message
     if ctx is not None and status == "OK":
         for record in ctx.audit:
             if isinstance(record, PredictionBatch):
-                batch = record  # (one per call: a BatchScore's)
+                if batch is not None:  # (a BatchScore leaves one; should a call leave more, none is lost)
+                    predictions.extend(batch.records())
+                batch = record
             else:
                 predictions.append(record)
     return AuditEntry(created_at=created, usage=usage, predictions=predictions,
