@@ -205,6 +205,43 @@ def test_memory_lru_evicts_the_least_recently_used() -> None:
     asyncio.run(run())
 
 
+def test_memory_batch_calls_equal_one_call_per_key() -> None:
+    """mset / mget (one pass under one lock) leave the same entries, in the same LRU order, answer the same and
+    count the same as set / get key by key — overwrites, repeated keys, a batch larger than the cache,
+    expired keys — except that an mset counts as evicted the entries it pushed out (a key the same batch also
+    writes stays, refreshed, where one set at a time may evict it first and write it back)."""
+    clock = FakeClock()
+    batches = [[("a", b"1"), ("b", b"2"), ("c", b"3")], [("b", b"22"), ("d", b"4"), ("b", b"222")],
+               [(f"k{i}", bytes([i])) for i in range(7)] + [("a", b"11")]]
+
+    async def run(batched: bool) -> tuple[list[tuple[str, bytes]], list[list[bytes | None]], dict[str, float]]:
+        c = MemoryCache(5, 10.0, clock=clock)
+        got = []
+        for n, items in enumerate(batches):
+            if batched:
+                before, evicted = set(c._data), c.stats.evictions  # noqa: SLF001
+                await c.mset(items)
+                pushed_out = (before | {k for k, _ in items}) - set(c._data)  # noqa: SLF001
+                assert c.stats.evictions - evicted == len(pushed_out)
+            else:
+                for k, v in items:
+                    await c.set(k, v)
+            clock.now += 4 if n == 0 else 0
+            keys = ["a", "b", "zz", "k6", "k1", "a"]
+            got.append(await c.mget(keys) if batched else [await c.get(k) for k in keys])
+        clock.now += 11  # everything expired
+        got.append(await c.mget(["a", "k6"]) if batched else [await c.get("a"), await c.get("k6")])
+        stats = c.stats.as_dict()
+        stats.pop("evictions")
+        return [(k, v) for k, (_, v) in c._data.items()], got, stats  # noqa: SLF001
+
+    start = clock.now
+    one_by_one = asyncio.run(run(False))
+    clock.now = start
+    assert asyncio.run(run(True)) == one_by_one
+    assert one_by_one[2]["expirations"] == 2 and one_by_one[2]["sets"] == 14
+
+
 def test_memory_expired_entries_are_not_counted_as_removed() -> None:
     clock = FakeClock()
 
