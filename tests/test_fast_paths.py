@@ -213,12 +213,14 @@ def test_batch_session_scores_large_matrices_like_the_single_row_session(model_d
 
 
 async def test_one_applicants_shap_work_runs_inline_a_batchs_in_the_explain_threads(model_dir) -> None:  # type: ignore[no-untyped-def]
-    """One row's TreeSHAP (~0.5-0.8 ms) runs on the event loop (a thread hop cost more CPU than the work);
-    a batch's is split over the explain threads, in order; ``inline_explain_rows=0`` sends even one row to
-    a thread."""
+    """One row's explanation runs on the event loop (a thread hop cost more CPU than the work); a batch's is
+    split over the explain threads, in order; ``inline_explain_rows=0`` sends even one row to a thread.
+    Reason codes alone (~6 us a row) run on the loop for up to ``inline_reason_rows`` rows (a BatchScore's
+    ~100 adverse applicants: the hop to the threads took longer than the work)."""
     import threading
 
     from server.runtime import Runtime
+    from server.scoring import EncodedRows
     from server.services.scoring import ScoringService
     from server.settings import Settings
 
@@ -227,6 +229,7 @@ async def test_one_applicants_shap_work_runs_inline_a_batchs_in_the_explain_thre
     runtime = Runtime(settings)
     scorer = runtime.load()
     seen: list[tuple[str, int]] = []
+    loop_thread = threading.current_thread().name
 
     def codes(rows: np.ndarray) -> list[list[str]]:
         seen.append((threading.current_thread().name, len(rows)))
@@ -234,13 +237,32 @@ async def test_one_applicants_shap_work_runs_inline_a_batchs_in_the_explain_thre
 
     matrix = np.asarray(scorer.model.metadata["reference"]["sample"]["rows"][:40], dtype=np.float32)
     service = ScoringService(runtime, settings)
-    one = await service._shap_work(scorer, codes, matrix[:1], "reasons")
-    assert seen == [(threading.current_thread().name, 1)]
+    one = await service._shap_work(scorer, codes, matrix[:1], "explanation", service._inline_rows)
+    assert seen == [(loop_thread, 1)]
     seen.clear()
-    many = await service._shap_work(scorer, codes, matrix, "reasons")
+    many = await service._shap_work(scorer, codes, matrix, "explanation", service._inline_rows)
     assert sorted(n for _, n in seen) == [20, 20] and all(name.startswith("explain") for name, _ in seen)
     assert many == scorer.reason_codes(matrix) and one == many[:1]
     settings.model.inline_explain_rows = 0
     seen.clear()
-    await ScoringService(runtime, settings)._shap_work(scorer, codes, matrix[:1], "reasons")
+    service = ScoringService(runtime, settings)
+    await service._shap_work(scorer, codes, matrix[:1], "explanation", service._inline_rows)
     assert seen[0][0].startswith("explain")
+
+    where: list[str] = []
+    reason_codes = scorer.reason_codes
+
+    def spy(rows):  # type: ignore[no-untyped-def]
+        where.append(threading.current_thread().name)
+        return reason_codes(rows)
+
+    scorer.reason_codes = spy  # type: ignore[method-assign]
+    try:
+        assert await service._compute_reasons(scorer, EncodedRows(matrix)) == many
+        assert where == [loop_thread]  # 40 rows <= inline_reason_rows (128)
+        settings.model.inline_reason_rows = 16
+        where.clear()
+        assert await ScoringService(runtime, settings)._compute_reasons(scorer, EncodedRows(matrix)) == many
+        assert len(where) == 2 and all(name.startswith("explain") for name in where)
+    finally:
+        del scorer.reason_codes

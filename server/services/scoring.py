@@ -75,16 +75,17 @@ class ScoringService(scoring_pb2_grpc.ScoringServiceServicer):
         self.audit = audit
         self._explain_threads = settings.model.explain_threads
         self._inline_rows = settings.model.inline_explain_rows
+        self._inline_reason_rows = settings.model.inline_reason_rows
         self._explain_pool = ThreadPoolExecutor(self._explain_threads, thread_name_prefix="explain")
 
     async def _shap_work(self, scorer: Scorer, fn: Callable[[EncodedRows], list[T]],
-                         matrix: np.ndarray | EncodedRows, what: str) -> list[T]:
+                         matrix: np.ndarray | EncodedRows, what: str, inline_rows: int) -> list[T]:
         """``fn(matrix)`` (TreeSHAP work): for a batch in the explain thread pool (split over its threads), so
-        the event loop keeps serving; for up to ``model.inline_explain_rows`` rows on the loop itself."""
+        the event loop keeps serving; for up to ``inline_rows`` rows on the loop itself."""
         matrix = EncodedRows.of(matrix)
         try:
             with tracing.span("credscope.explain", model_version=scorer.version, batch_size=len(matrix), kind=what):
-                if len(matrix) <= self._inline_rows:
+                if len(matrix) <= inline_rows:
                     return fn(matrix)
                 loop = asyncio.get_running_loop()
                 parts = min(self._explain_threads, len(matrix) // _SPLIT_ROWS) or 1
@@ -98,10 +99,10 @@ class ScoringService(scoring_pb2_grpc.ScoringServiceServicer):
             raise FailedPrecondition(f"model {scorer.version} cannot be explained: {exc}") from exc
 
     async def _compute_explanations(self, scorer: Scorer, matrix: EncodedRows) -> list[Explanation]:
-        return await self._shap_work(scorer, scorer.explain, matrix, "explanation")
+        return await self._shap_work(scorer, scorer.explain, matrix, "explanation", self._inline_rows)
 
     async def _compute_reasons(self, scorer: Scorer, matrix: EncodedRows) -> list[list[str]]:
-        return await self._shap_work(scorer, scorer.reason_codes, matrix, "reasons")
+        return await self._shap_work(scorer, scorer.reason_codes, matrix, "reasons", self._inline_reason_rows)
 
     async def _explain(self, scorer: Scorer, matrix: EncodedRows) -> list[Explanation]:
         """Explanations through the explanation cache (computed for the misses only)."""
