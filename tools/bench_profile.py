@@ -5,7 +5,8 @@ throttled; ``--env`` adds or overrides settings, e.g. ``CREDSCOPE_AUDIT__ENABLED
 or, with ``--echo``, the bench's empty grpc.aio echo server — drives it with the bench's load generator
 (:mod:`tools.bench_load`, loopback, bounded by time and count) for ``--rounds`` rounds, and prints per
 round: calls/s, p50/p90/p99 latency, the server's CPU time per call (its processes, the audit store's
-included) and its context switches per call by thread name. ``--py-spy OUT`` records the last round's
+included, until the server is idle again after the round, as ``credscope-bench`` counts it; each round
+starts on an idle server) and its context switches per call by thread name. ``--py-spy OUT`` records the last round's
 worker with py-spy (``pip install py-spy``; raw collapsed stacks, sampled at 200 Hz) and prints the
 functions that hold the most samples of the serving thread. This is how the README's "where the time
 goes" figures are made (and how A/B runs compare two settings: run it once per setting, alternating).
@@ -174,8 +175,10 @@ def main(argv: list[str] | None = None) -> int:
                          *(["--native"] if a.native else [])],
                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
+            bench.settle(server.proc.pid)  # (before the load starts: the previous round's leftovers are not this one's)
             res = run_load(spec, started)
             calls = max(1, res.requests)
+            bench.settle(server.proc.pid)  # this round's own leftovers (queued audit rows) count in its CPU
             cpu = (bench.tree_cpu(server.proc.pid) - state["cpu"]) / calls * 1e6
             now = thread_counters(server.proc.pid)
             before = state["threads"]
