@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 
 from server.audit.process import ProcessAuditStore, pack_entries, unpack_entries
-from server.audit.store import AuditStoreError
+from server.audit.records import AuditEntry, iso_utc
+from server.audit.store import AuditStoreError, to_rows
 from server.audit.writer import AuditWriter
 from server.settings import AuditSettings
 from tests.audit_helpers import eventually, fetch, make_entry
@@ -43,7 +44,8 @@ def test_entries_survive_packing() -> None:
     entries[0].predictions[1].reason_codes = ["R1", "R2"]
     entries.append(make_entry(4, predictions=3, explanation=weird, columns=True))  # a BatchScore's, by column
     back = unpack_entries(pack_entries(entries))
-    assert back[3].batch is None and len(back[3].predictions) == 3  # expanded by the child
+    assert back[3].batch is not None and not back[3].predictions  # by column: the store shapes its rows so
+    back[3].expand()
     entries[3].expand()
     assert [b.usage for b in back] == [e.usage for e in entries]
     for b, e in zip(back, entries, strict=True):
@@ -54,6 +56,30 @@ def test_entries_survive_packing() -> None:
             assert (pb.request_id, pb.probability, pb.reason_codes, pb.from_cache) == (
                 pe.request_id, pe.probability, pe.reason_codes, pe.from_cache)
             assert repr(pb.explanation) == repr(pe.explanation)
+
+
+def test_a_batch_shaped_by_column_gives_the_rows_of_its_records() -> None:
+    """``to_rows`` shapes a PredictionBatch column by column; the rows are those of its records, one by one
+    (NaN inputs, reason codes, explanations with missing and infinite values, a duplicate id: first wins)."""
+    weird = [("a", float("nan"), float("inf")), ("b", None, -0.0), ("c", 1e-310, -1.5)]
+    by_column = [make_entry(1, predictions=5, explanation=weird, columns=True),
+                 make_entry(2, predictions=4, columns=True), make_entry(3)]
+    batch = by_column[0].batch
+    assert batch is not None
+    batch.reason_codes = [["R1", "R2"], None, [], None, ["R3"]]  # type: ignore[assignment]
+    batch.from_cache = [True, False, True, False, False]  # type: ignore[assignment]
+    batch.rows[1, 3] = float("nan")
+    by_column[0].predictions = [make_entry(1, predictions=2).predictions[0]]  # "req-1/0" twice: the record first
+    by_record = [AuditEntry(e.created_at, e.usage, [*e.predictions, *(e.batch.records() if e.batch else [])],
+                            e.client_name) for e in by_column]
+    for stamp in (None, iso_utc):
+        col, rec = to_rows(by_column, stamp=stamp), to_rows(by_record, stamp=stamp)
+        assert repr(col) == repr(rec)  # (repr: NaN compares unequal to itself)
+        assert len(col.predictions) == 5 + 4 + 1 and len(col.shap) == 5 * 3 and len(col.usage) == 3
+    assert by_column[0].batch is batch  # shaped, not expanded
+    batch.decision = batch.decision[:-1]
+    with pytest.raises(ValueError, match="different lengths"):
+        to_rows(by_column)
 
 
 async def test_rows_written_by_the_child_equal_the_in_process_ones(tmp_path: Path) -> None:

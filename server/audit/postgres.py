@@ -55,9 +55,11 @@ PERMANENT = (asyncpg.DataError, asyncpg.IntegrityConstraintViolationError, Value
 
 
 class PostgresAuditStore:
-    def __init__(self, url: str, *, timeout: float = 5.0, pool_size: int = 4) -> None:
+    def __init__(self, url: str, *, timeout: float = 5.0, pool_size: int = 4, yielding: bool = True) -> None:
         self.url = url
         self.timeout = timeout
+        self.yielding = yielding
+        """Hand the GIL back as rows are shaped (``store.yield_gil``): a serving loop shares the process."""
         self.pool_size = pool_size
         self._pool: asyncpg.Pool | None = None
         self._opening = asyncio.Lock()
@@ -101,7 +103,7 @@ class PostgresAuditStore:
         await self._with_conn(lambda conn: conn.fetchval("SELECT 1"))
 
     async def write(self, entries: Sequence[AuditEntry]) -> None:
-        rows = await asyncio.to_thread(lambda: to_rows(entries, yielding=True))  # off the event loop
+        rows = await asyncio.to_thread(lambda: to_rows(entries, yielding=self.yielding))  # off the event loop
         tables = (("predictions", rows.predictions), ("shap_explanations", rows.shap), ("api_usage", rows.usage))
 
         async def write(conn: asyncpg.Connection) -> None:

@@ -6,7 +6,7 @@ asyncpg's COPY encoding on the event loop) and the serving thread waits for it: 
 applicants writes 1,000 rows, ~15 ms of CPU, and the next calls waited for the GIL meanwhile. In a child
 process that work runs on its own interpreter (another core when there is one); the worker only packs
 the entries into plain tuples and pickles them (~3 µs a row; a BatchScore's records go by column, a
-few arrays and lists, ~1 ms for 1,000 applicants all told, and the child expands them).
+few arrays and lists, ~1 ms for 1,000 applicants all told, and the child shapes their rows by column).
 
 :class:`ProcessAuditStore` is the parent's side: it implements :class:`~server.audit.store.AuditStore` by
 forwarding every call (write, ping, the statistics, outcomes, replay lookups, challenger rows) to the
@@ -55,7 +55,7 @@ METHODS = frozenset({"write", "ping", "stats", "top_features", "report_outcome",
 
 def pack_entries(entries: Sequence[AuditEntry]) -> list[tuple[Any, ...]]:
     """The entries as nested tuples and lists of builtins (a batch's columns as they are: lists, and its
-    rows as one array), so the child, not the worker, expands a batch into records."""
+    rows as one array), so the child, not the worker, shapes a batch's rows."""
     out = []
     for e in entries:
         u, b = e.usage, e.batch
@@ -70,10 +70,10 @@ def pack_entries(entries: Sequence[AuditEntry]) -> list[tuple[Any, ...]]:
 
 
 def unpack_entries(packed: Sequence[tuple[Any, ...]]) -> list[AuditEntry]:
-    """Inverse of :func:`pack_entries` (batches expanded into records)."""
+    """Inverse of :func:`pack_entries` (a batch stays by column: the store shapes its rows that way)."""
     return [AuditEntry(created_at=created, client_name=client, usage=UsageRecord(*usage),
-                       predictions=[PredictionRecord(*p) for p in preds]
-                       + ([] if batch is None else PredictionBatch(*batch).records()))
+                       predictions=[PredictionRecord(*p) for p in preds],
+                       batch=None if batch is None else PredictionBatch(*batch))
             for created, client, usage, preds, batch in packed]
 
 
@@ -324,7 +324,7 @@ async def _serve(reader: asyncio.StreamReader, out: Any) -> int:
                 os.nice(nice)  # the serving processes come first; the queue's bound holds the writes' backlog
             logging.basicConfig(level=level, stream=sys.stderr,
                                 format="%(asctime)s %(levelname)s %(name)s [audit store] %(message)s")
-            store = open_store(url, timeout=timeout, pool_size=pool_size, process=False)
+            store = open_store(url, timeout=timeout, pool_size=pool_size, process=False, yielding=False)
             continue
         if method == "close":  # after everything sent before it; then the loop ends
             if tasks:

@@ -62,11 +62,12 @@ class _Insert:
         return (f"INSERT INTO {self.table} ({', '.join(self.columns)}) VALUES {', '.join([one] * rows)} "  # noqa: S608  # nosec B608  # constant table and column names
                 f"ON CONFLICT ({self.conflict}) DO NOTHING")
 
-    def run(self, conn: sqlite3.Connection, rows: list[tuple[Any, ...]]) -> None:
+    def run(self, conn: sqlite3.Connection, rows: list[tuple[Any, ...]], yielding: bool = True) -> None:
         for i in range(0, len(rows), YIELD_EVERY):
             chunk = rows[i:i + YIELD_EVERY]
             conn.execute(self.sql(len(chunk)), [v for row in chunk for v in row])
-            yield_gil()
+            if yielding:
+                yield_gil()
 
 
 INSERT_PREDICTIONS = _Insert("predictions", PREDICTION_COLUMNS, "request_id")
@@ -110,8 +111,10 @@ def _iso_rows(rows: list[tuple[Any, ...]], at: int) -> list[tuple[Any, ...]]:
 
 
 class SqliteAuditStore:
-    def __init__(self, url: str, *, timeout: float = 5.0) -> None:
+    def __init__(self, url: str, *, timeout: float = 5.0, yielding: bool = True) -> None:
         self.url = url
+        self.yielding = yielding
+        """Hand the GIL back as rows are shaped and bound (``store.yield_gil``): a serving loop shares the process."""
         self.path = sqlite_path(url)
         self.timeout = timeout
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="audit-sqlite")
@@ -155,15 +158,16 @@ class SqliteAuditStore:
         await self._run(self._write, entries)
 
     def _write(self, entries: Sequence[AuditEntry]) -> None:
-        rows = to_rows(entries, yielding=True)
+        y = self.yielding
+        rows = to_rows(entries, yielding=y, stamp=iso_utc)
         conn = self._connection()
         with _transaction(conn, "BEGIN IMMEDIATE"):
             if rows.predictions:
-                INSERT_PREDICTIONS.run(conn, _iso_rows(rows.predictions, 1))
+                INSERT_PREDICTIONS.run(conn, rows.predictions, y)
             if rows.shap:
-                INSERT_SHAP.run(conn, rows.shap)
+                INSERT_SHAP.run(conn, rows.shap, y)
             if rows.usage:
-                INSERT_USAGE.run(conn, _iso_rows(rows.usage, 1))
+                INSERT_USAGE.run(conn, rows.usage, y)
 
     async def stats(self, start: datetime, end: datetime) -> Stats:
         return await self._run(self._stats, iso_utc(start), iso_utc(end))

@@ -12,12 +12,13 @@ import enum
 import json
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
+from itertools import repeat
 from typing import Any, Protocol
 
-from server.audit.records import AuditEntry
+from server.audit.records import AuditEntry, PredictionBatch, input_json
 from server.db import dialect
 
 DECISIONS = ("APPROVE", "REVIEW", "REJECT")
@@ -143,9 +144,11 @@ class AuditStore(Protocol):
 
 
 def open_store(url: str, *, timeout: float = 5.0, pool_size: int = 4, process: bool = False,
-               nice: int = 0) -> AuditStore:
+               nice: int = 0, yielding: bool = True) -> AuditStore:
     """The store for a URL (not yet opened); ``process``: run it in a child process
-    (:class:`server.audit.process.ProcessAuditStore`, at CPU priority ``nice``)."""
+    (:class:`server.audit.process.ProcessAuditStore`, at CPU priority ``nice``). ``yielding``: the store's
+    writer thread shares its process with a serving event loop and hands the GIL back as it shapes and
+    binds rows (see :func:`yield_gil`); the child process's store, alone with its interpreter, does not."""
     if process:
         from server.audit.process import ProcessAuditStore
 
@@ -153,10 +156,10 @@ def open_store(url: str, *, timeout: float = 5.0, pool_size: int = 4, process: b
     if dialect(url) == "sqlite":
         from server.audit.sqlite import SqliteAuditStore
 
-        return SqliteAuditStore(url, timeout=timeout)
+        return SqliteAuditStore(url, timeout=timeout, yielding=yielding)
     from server.audit.postgres import PostgresAuditStore
 
-    return PostgresAuditStore(url, timeout=timeout, pool_size=pool_size)
+    return PostgresAuditStore(url, timeout=timeout, pool_size=pool_size, yielding=yielding)
 
 
 # --- rows -----------------------------------------------------------------------------------------
@@ -182,23 +185,31 @@ YIELD_EVERY = 32
 def yield_gil() -> None:
     """Let the event loop's thread take the GIL now. A writer thread shaping or binding hundreds of rows
     would otherwise hold it for up to the interpreter's switch interval (5 ms) at a time, and every call the
-    loop was serving waited that long: the audit batches showed as the p99 latency of Score."""
+    loop was serving waited that long: the audit batches showed as the p99 latency of Score.
+
+    It costs: ``time.sleep(0)`` takes ~40 us of CPU and ~100 us here (a BatchScore of 1,000 rows yields ~32
+    times), so a store that serves no event loop of its own (the audit child process) passes
+    ``yielding=False`` (``os.sched_yield`` is cheap but does not reliably let the waiting thread in)."""
     time.sleep(0)
 
 
-def to_rows(entries: Sequence[AuditEntry], *, yielding: bool = False) -> Rows:
-    """The rows of ``entries``; ``yielding`` (in a writer thread) hands the GIL back every YIELD_EVERY."""
+def to_rows(entries: Sequence[AuditEntry], *, yielding: bool = False,
+            stamp: Callable[[datetime], Any] | None = None) -> Rows:
+    """The rows of ``entries``; ``yielding`` (in a writer thread) hands the GIL back every YIELD_EVERY;
+    ``stamp`` turns each entry's time into what the database takes (default: the aware datetime). A batch
+    call's records (:class:`~server.audit.records.PredictionBatch`) are shaped by column, without building
+    them one by one."""
     preds: dict[str, tuple[Any, ...]] = {}
     shap: dict[tuple[str, int], tuple[Any, ...]] = {}
     usage: dict[str, tuple[Any, ...]] = {}
     for n, e in enumerate(entries, start=1):
         if yielding and n % YIELD_EVERY == 0:
             yield_gil()
-        created = e.created_datetime
+        created = e.created_datetime if stamp is None else stamp(e.created_datetime)
         u = e.usage
         usage.setdefault(u.request_id, (u.request_id, created, u.key_id, u.tier, u.method, u.status_code,
                                         float(u.duration_ms), u.error))
-        for p in e.expand():
+        for p in e.predictions:
             if p.request_id not in preds:
                 preds[p.request_id] = (
                     p.request_id, created, u.key_id, e.client_name, u.method, p.input_json(), float(p.probability),
@@ -207,7 +218,30 @@ def to_rows(entries: Sequence[AuditEntry], *, yielding: bool = False) -> Rows:
             for rank, (feature, value, shap_value) in enumerate(p.explanation or (), start=1):
                 shap.setdefault((p.request_id, rank),
                                 (p.request_id, rank, feature, _finite(value), float(shap_value)))
+        if e.batch is not None:
+            _batch_rows(e.batch, e, created, preds, shap)
     return Rows(list(preds.values()), list(shap.values()), list(usage.values()))
+
+
+def _batch_rows(b: PredictionBatch, e: AuditEntry, created: Any, preds: dict[str, tuple[Any, ...]],
+                shap: dict[tuple[str, int], tuple[Any, ...]]) -> None:
+    """The rows of a batch's records, column by column: what ``to_rows`` makes of ``b.records()``."""
+    ids = b.request_ids()
+    columns = (b.probability, b.decision, b.risk_level, b.confidence, b.from_cache, b.reason_codes)
+    if any(len(c) != len(ids) for c in columns) or len(b.rows) != len(ids) or (
+            b.explanation is not None and len(b.explanation) != len(ids)):
+        raise ValueError(f"prediction batch {b.request_id}: columns of different lengths")
+    u = e.usage
+    codes = [None if c is None else json.dumps(c) for c in b.reason_codes]
+    for row in zip(ids, repeat(created), repeat(u.key_id), repeat(e.client_name), repeat(u.method),
+                   map(input_json, b.rows.tolist()), map(float, b.probability), b.decision, b.risk_level,
+                   map(float, b.confidence), repeat(b.model_version), repeat(float(b.latency_ms)),
+                   map(bool, b.from_cache), codes):
+        preds.setdefault(row[0], row)
+    if b.explanation is not None:
+        for rid, explanation in zip(ids, b.explanation, strict=True):
+            for rank, (feature, value, shap_value) in enumerate(explanation or (), start=1):
+                shap.setdefault((rid, rank), (rid, rank, feature, _finite(value), float(shap_value)))
 
 
 def interpolate(sorted_at: Any, n: int, q: float) -> float:
