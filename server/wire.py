@@ -1,4 +1,5 @@
-"""BatchScore's applicants decoded straight from the wire into the model's input matrix.
+"""BatchScore's applicants decoded straight from the wire into the model's input matrix, and its results
+encoded for the wire (:func:`encode_results`).
 
 :func:`server.convert.applicant_to_row` walks each parsed ``Applicant`` in Python (~7 µs each, ~7 ms for a
 batch of 1,000, on the event loop). Here the whole request is serialized once (one C call) and a compiled
@@ -18,6 +19,8 @@ come as 10-byte varints; unknown fields are skipped.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 from numba import njit
 
@@ -26,7 +29,7 @@ from server.convert import _BY_FIELD, _REQUIRED_IMPLICIT, applicant_to_row
 from server.errors import Violation
 from server.schema import COLUMNS
 
-__all__ = ["decode_applicants"]
+__all__ = ["decode_applicants", "encode_results"]
 
 _APPLICANTS = scoring_pb2.BatchScoreRequest.DESCRIPTOR.fields_by_name["applicants"].number
 
@@ -214,3 +217,120 @@ def decode_applicants(request: scoring_pb2.BatchScoreRequest
     positions = [i for i in range(n) if i not in invalid]
     return out[positions], positions, bad
 
+
+
+# --- BatchScore's results, encoded for the wire ------------------------------------------------------------
+
+_RESULTS = scoring_pb2.BatchScoreResponse.DESCRIPTOR.fields_by_name["results"].number
+_RESULT_FIELDS = scoring_pb2.BatchScoreResult.DESCRIPTOR.fields_by_name
+_PREDICTION_FIELDS = scoring_pb2.Prediction.DESCRIPTOR.fields_by_name
+# (The compiled encoder writes these field numbers; an edit of the proto that moves them fails here.)
+if ([_RESULT_FIELDS[f].number for f in ("index", "prediction")] != [1, 2]
+        or [_PREDICTION_FIELDS[f].number for f in ("default_probability", "decision", "risk_level", "confidence",
+                                                    "model_version", "request_id", "from_cache")]
+        != [1, 2, 3, 4, 5, 6, 7]):
+    raise RuntimeError("credscope.v1 BatchScoreResult / Prediction field numbers changed: update server.wire")
+
+
+@njit(nogil=True, cache=True)
+def _put_varint(out: np.ndarray, pos: int, value: int) -> int:  # pragma: no cover - compiled
+    while value >= 0x80:
+        out[pos] = (value & 0x7F) | 0x80
+        value >>= 7
+        pos += 1
+    out[pos] = value
+    return pos + 1
+
+
+@njit(nogil=True, cache=True)
+def _varint_size(value: int) -> int:  # pragma: no cover - compiled
+    size = 1
+    while value >= 0x80:
+        value >>= 7
+        size += 1
+    return size
+
+
+@njit(nogil=True, cache=True)
+def _put_double(out: np.ndarray, pos: int, value: float) -> int:  # pragma: no cover - compiled
+    bits = np.empty(1, dtype=np.float64)
+    bits[0] = value
+    raw = bits.view(np.uint8)
+    for b in range(8):
+        out[pos + b] = raw[b]
+    return pos + 8
+
+
+@njit(nogil=True, cache=True)
+def _encode_results(results_field: int, index: np.ndarray, probability: np.ndarray, decision: np.ndarray,
+                    risk: np.ndarray, confidence: np.ndarray, from_cache: np.ndarray, version: np.ndarray,
+                    prefix: np.ndarray) -> np.ndarray:  # pragma: no cover - compiled
+    """BatchScoreResponse.results entries (tag, length, BatchScoreResult{index, prediction}) of each row."""
+    n = len(index)
+    digits = np.empty(20, dtype=np.uint8)
+    out = np.empty(n * (64 + len(version) + len(prefix)), dtype=np.uint8)
+    pos = 0
+    for k in range(n):
+        i = index[k]
+        nd = 0  # the decimal digits of i, last first
+        v = i
+        while True:
+            digits[nd] = 48 + v % 10
+            nd += 1
+            v //= 10
+            if v == 0:
+                break
+        rid = len(prefix) + nd
+        pred = (9 + 9 + 1 + _varint_size(decision[k]) + 1 + _varint_size(risk[k])
+                + 1 + _varint_size(len(version)) + len(version) + 1 + _varint_size(rid) + rid
+                + (2 if from_cache[k] else 0))
+        result = 1 + _varint_size(i) + 1 + _varint_size(pred) + pred
+        pos = _put_varint(out, pos, results_field << 3 | 2)
+        pos = _put_varint(out, pos, result)
+        out[pos] = 0x08  # index
+        pos = _put_varint(out, pos + 1, i)
+        out[pos] = 0x12  # prediction
+        pos = _put_varint(out, pos + 1, pred)
+        out[pos] = 0x09  # default_probability (fixed64)
+        pos = _put_double(out, pos + 1, probability[k])
+        out[pos] = 0x10  # decision
+        pos = _put_varint(out, pos + 1, decision[k])
+        out[pos] = 0x18  # risk_level
+        pos = _put_varint(out, pos + 1, risk[k])
+        out[pos] = 0x21  # confidence (fixed64)
+        pos = _put_double(out, pos + 1, confidence[k])
+        out[pos] = 0x2A  # model_version
+        pos = _put_varint(out, pos + 1, len(version))
+        out[pos:pos + len(version)] = version
+        pos += len(version)
+        out[pos] = 0x32  # request_id
+        pos = _put_varint(out, pos + 1, rid)
+        out[pos:pos + len(prefix)] = prefix
+        pos += len(prefix)
+        for d in range(nd):
+            out[pos + d] = digits[nd - 1 - d]
+        pos += nd
+        if from_cache[k]:
+            out[pos] = 0x38  # from_cache
+            out[pos + 1] = 1
+            pos += 2
+    return out[:pos]
+
+
+def encode_results(positions: Sequence[int], probability: Sequence[float], decision: Sequence[int],
+                   risk_level: Sequence[int], confidence: Sequence[float], from_cache: Sequence[bool],
+                   model_version: str, request_id: str) -> bytes:
+    """The serialized ``results`` of a BatchScoreResponse, one ``BatchScoreResult{index, prediction}`` per row
+    (in the given order): what ``results.add(index=i)`` and :func:`server.convert.fill_prediction` (request id
+    ``{request_id}/{i}``) make, for ``response.MergeFromString``. ``decision`` and ``risk_level`` are the
+    enum numbers. ~0.1 ms for 1,000 rows instead of ~1.2 ms (in the server, 2-3 ms) one message at a time."""
+    if not len(positions):
+        return b""
+    if min(positions) < 0:
+        raise ValueError("positions must be >= 0")
+    return _encode_results(
+        _RESULTS, np.asarray(positions, dtype=np.int64), np.asarray(probability, dtype=np.float64),
+        np.asarray(decision, dtype=np.int64), np.asarray(risk_level, dtype=np.int64),
+        np.asarray(confidence, dtype=np.float64), np.asarray(from_cache, dtype=np.bool_),
+        np.frombuffer(model_version.encode(), dtype=np.uint8), np.frombuffer(f"{request_id}/".encode(), dtype=np.uint8),
+    ).tobytes()

@@ -1,6 +1,7 @@
 """server.wire: BatchScore's applicants decoded from the wire give exactly applicant_to_row's rows and
 violations — on random applicants, and on encodings a protobuf library would not write itself (a field twice,
-an explicit zero, unknown fields, a known field in another wire type, 10-byte varints)."""
+an explicit zero, unknown fields, a known field in another wire type, 10-byte varints); and its results
+encoded for the wire parse to the messages filled one by one."""
 
 from __future__ import annotations
 
@@ -13,9 +14,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from credscope.v1 import applicant_pb2, scoring_pb2
-from server.convert import applicant_to_row
+from server.convert import DECISION, RISK_LEVEL, applicant_to_row
+from server.errors import Violation
 from server.schema import COLUMNS
-from server.wire import decode_applicants
+from server.scoring import ScoreResult
+from server.services.scoring import _fill_results, _results_bytes
+from server.wire import decode_applicants, encode_results
 from tests.test_api import applicant
 from tests.test_fuzz import applicants
 
@@ -119,3 +123,44 @@ def test_valid_applicants_never_take_the_python_path(monkeypatch: pytest.MonkeyP
     assert positions == list(range(50)) and bad == []
     credit = [c.field for c in COLUMNS].index("amt_credit")
     assert matrix[:, credit].tolist() == [100_000.0 + i for i in range(50)]
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.floats(0.0, 1.0), st.sampled_from(sorted(DECISION)), st.sampled_from(sorted(RISK_LEVEL)),
+                          st.floats(0.0, 1.0), st.booleans(), st.booleans()), min_size=1, max_size=40),
+       st.text(min_size=1, max_size=40))
+def test_encoded_results_equal_the_messages_filled_one_by_one(
+        rows: list[tuple[float, str, str, float, bool, bool]], request_id: str) -> None:
+    """A BatchScore's results encoded for the wire (``encode_results``, errors spliced in request order)
+    parse to the same response as ``results.add`` + ``fill_prediction`` message by message: gaps where an
+    applicant was refused (first, last, in runs), cache hits, any request id (UTF-8)."""
+    n = len(rows)
+    refused = {i for i, row in enumerate(rows) if row[5]}
+    positions = [i for i in range(n) if i not in refused]
+    pairs = [(ScoreResult(p, d, r, c, "6aa597fdac68ae83"), hit) for p, d, r, c, hit, no in rows if not no]
+    bad = [(i, [Violation(f"applicants[{i}].age_years", "must be 18 or more")]) for i in sorted(refused)]
+    encoded = scoring_pb2.BatchScoreResponse()
+    encoded.MergeFromString(_results_bytes(n, positions, pairs, bad, request_id, "6aa597fdac68ae83"))
+    filled = scoring_pb2.BatchScoreResponse()
+    _fill_results(filled, n, positions, pairs, bad, request_id)
+    assert encoded == filled
+    assert [r.index for r in encoded.results] == list(range(n))
+    for i, r in enumerate(encoded.results):
+        assert r.WhichOneof("result") == ("error" if i in refused else "prediction")
+
+
+def test_encoded_results_at_large_indexes() -> None:
+    """Indexes and request ids past one varint byte and a 1,000-applicant batch keep their order and ids."""
+    n = 1_000
+    positions = list(range(0, n, 2))
+    pairs = [(ScoreResult(i / n, "APPROVE", "LOW", 0.5, "v"), i % 3 == 0) for i in positions]
+    bad = [(i, [Violation(f"applicants[{i}]", "bad")]) for i in range(1, n, 2)]
+    msg = scoring_pb2.BatchScoreResponse()
+    msg.MergeFromString(_results_bytes(n, positions, pairs, bad, "r" * 200, "v"))
+    assert len(msg.results) == n
+    assert msg.results[998].prediction.request_id == "r" * 200 + "/998"
+    assert msg.results[998].prediction.default_probability == 0.998
+    assert msg.results[999].error.message == "applicant 999 has 1 invalid field(s)"
+    assert msg.results[996].prediction.from_cache and not msg.results[998].prediction.from_cache
+    with pytest.raises(ValueError, match=">= 0"):
+        encode_results([-1], [0.5], [1], [1], [0.5], [False], "v", "r")

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextvars
 import itertools
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
@@ -21,6 +22,8 @@ from server.audit.writer import AuditWriter
 from server.cached_scoring import Caches, explain_rows, reason_rows, score_rows
 from server.challenger import Challenger
 from server.convert import (
+    DECISION,
+    RISK_LEVEL,
     applicant_to_row,
     explain_top_k,
     fill_explanation,
@@ -40,10 +43,10 @@ from server.portfolio_convert import (
 )
 from server.reasons import adverse_codes, adverse_reasons, is_adverse, needs_explanation
 from server.runtime import Runtime
-from server.scoring import EncodedRows, Scorer
+from server.scoring import EncodedRows, Scorer, ScoreResult
 from server.services.audit import explanation_of, report_outcome
 from server.settings import Settings
-from server.wire import decode_applicants
+from server.wire import decode_applicants, encode_results
 
 T = TypeVar("T")
 
@@ -63,6 +66,62 @@ def _request_id(given: str, field: str = "request_id") -> str:
         return given
     ctx = rc.current()
     return ctx.request_id if ctx else rc.new_request_id()
+
+
+def _fill_error(result: scoring_pb2.BatchScoreResult, violations: list[Violation]) -> None:
+    """An applicant refused as invalid: INVALID_ARGUMENT and its violations."""
+    err = result.error
+    err.code = grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    err.message = f"applicant {result.index} has {len(violations)} invalid field(s)"
+    for v in violations:
+        err.field_violations.add(field=v.field, description=v.description)
+
+
+def _error_result(i: int, violations: list[Violation]) -> bytes:
+    """The serialized ``results`` entry of an applicant refused as invalid."""
+    one = scoring_pb2.BatchScoreResponse()
+    _fill_error(one.results.add(index=i), violations)
+    return one.SerializeToString()
+
+
+def _results_bytes(n: int, positions: list[int], pairs: list[tuple[ScoreResult, bool]],
+                   bad: list[tuple[int, list[Violation]]], request_id: str, version: str) -> bytes:
+    """A BatchScore's ``results``, serialized in request order: each scored applicant's prediction (request
+    id ``{request_id}/{i}``) encoded by :func:`server.wire.encode_results`, each refused one's error."""
+    probability: Sequence[float] = ()
+    confidence: Sequence[float] = ()
+    decisions: list[int] = []
+    risks: list[int] = []
+    if pairs:
+        probability, decision, risk, confidence, _ = zip(*(r for r, _ in pairs), strict=True)
+        decisions = [DECISION[d] for d in decision]
+        risks = [RISK_LEVEL[r] for r in risk]
+    from_cache = [hit for _, hit in pairs]
+    chunks = []
+    j = 0
+    for i, violations in [*sorted(bad, key=lambda b: b[0]), (n, [])]:
+        k = bisect.bisect_left(positions, i, lo=j)  # the scored applicants before i
+        if k > j:
+            chunks.append(encode_results(positions[j:k], probability[j:k], decisions[j:k], risks[j:k],
+                                         confidence[j:k], from_cache[j:k], version, request_id))
+            j = k
+        if i < n:
+            chunks.append(_error_result(i, violations))
+    return b"".join(chunks)
+
+
+def _fill_results(response: scoring_pb2.BatchScoreResponse, n: int, positions: list[int],
+                  pairs: list[tuple[ScoreResult, bool]], bad: list[tuple[int, list[Violation]]], request_id: str
+                  ) -> list[scoring_pb2.Prediction]:
+    """Fill ``response.results`` message by message (what :func:`_results_bytes` encodes); return the
+    scored applicants' Prediction messages, for their explanations."""
+    added = [response.results.add(index=i) for i in range(n)]  # kept: each results[i] makes a new wrapper
+    for i, violations in bad:
+        _fill_error(added[i], violations)
+    predictions = [added[i].prediction for i in positions]
+    for i, prediction, (res, from_cache) in zip(positions, predictions, pairs, strict=True):
+        fill_prediction(prediction, res, f"{request_id}/{i}", from_cache=from_cache)
+    return predictions
 
 
 class ScoringService(scoring_pb2_grpc.ScoringServiceServicer):
@@ -169,15 +228,8 @@ class ScoringService(scoring_pb2_grpc.ScoringServiceServicer):
         top_k = explain_top_k(request.explain, len(self.runtime.scorer.model.features))
         response = scoring_pb2.BatchScoreResponse(request_id=request_id)
         encoded, positions, bad = decode_applicants(request)  # the rows applicant_to_row gives, from the wire
-        results = response.results
-        added = [results.add(index=i) for i in range(n)]  # the wrappers, kept: each results[i] makes a new one
-        for i, violations in bad:
+        for _, violations in bad:
             input_signals.refused(violations)
-            err = added[i].error
-            err.code = grpc.StatusCode.INVALID_ARGUMENT.value[0]
-            err.message = f"applicant {i} has {len(violations)} invalid field(s)"
-            for v in violations:
-                err.field_violations.add(field=v.field, description=v.description)
         valid = len(positions)
         scorer = self.runtime.scorer
         response.model_version = scorer.version
@@ -200,10 +252,12 @@ class ScoringService(scoring_pb2_grpc.ScoringServiceServicer):
         # would only share the cores (starting it first, with a turn of the loop, measured no faster).
         pending: asyncio.Future[list[Any]] | None = asyncio.ensure_future(
             self._explain(scorer, subset) if top_k is not None else self._reasons(scorer, subset)) if want else None
-        predictions = [added[i].prediction for i in positions]
+        filled: list[scoring_pb2.Prediction] = []
         try:
-            for i, prediction, (res, from_cache) in zip(positions, predictions, pairs, strict=True):
-                fill_prediction(prediction, res, f"{request_id}/{i}", from_cache=from_cache)
+            if top_k is None:  # the results encoded for the wire at once; the adverse rows' reasons added below
+                response.MergeFromString(_results_bytes(n, positions, pairs, bad, request_id, scorer.version))
+            else:  # explanations to fill in on every row: the messages one by one
+                filled = _fill_results(response, n, positions, pairs, bad, request_id)
             fill_portfolio(response.portfolio, portfolio_of(scored, loan))
             done = dict(zip(want, await pending, strict=True)) if pending is not None else {}
         finally:
@@ -212,13 +266,14 @@ class ScoringService(scoring_pb2_grpc.ScoringServiceServicer):
         codes: list[list[str] | None]
         if top_k is not None:  # explanations asked for: the reasons come from them
             codes = []
-            for j, (prediction, (res, _)) in enumerate(zip(predictions, pairs, strict=True)):
+            for j, (prediction, (res, _)) in enumerate(zip(filled, pairs, strict=True)):
                 fill_explanation(prediction.explanation, done[j].top(top_k))
                 codes.append(adverse_reasons(prediction.reasons, scorer, res, done.get(j)))
         else:  # only the adverse decisions have reasons: [] for the others, None where none could be computed
             codes = [None if is_adverse(res.decision) else [] for res in scored]
+            results = response.results
             for j, value in done.items():
-                codes[j] = adverse_codes(predictions[j].reasons, scorer, scored[j], value)
+                codes[j] = adverse_codes(results[positions[j]].prediction.reasons, scorer, scored[j], value)
         response.timestamp.CopyFrom(timestamp(time.time()))
         response.processing_time_ms = (time.perf_counter() - started) * 1000.0
         if valid:  # the audit records, by column (expanded off the serving path)
@@ -226,7 +281,7 @@ class ScoringService(scoring_pb2_grpc.ScoringServiceServicer):
             audit_batch(PredictionBatch(
                 request_id, positions, encoded, probability, decision, risk_level, confidence, scorer.version,
                 response.processing_time_ms, [hit for _, hit in pairs], codes,
-                [explanation_of(p) for p in predictions] if top_k is not None else None))
+                [explanation_of(p) for p in filled] if top_k is not None else None))
         if self.challenger is not None and valid:  # shadow scoring, queued without waiting
             self.challenger.offer([f"{request_id}/{i}" for i in positions], matrix)
         return response
