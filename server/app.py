@@ -10,7 +10,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from credscope.v1 import admin_pb2, admin_pb2_grpc, scoring_pb2, scoring_pb2_grpc
-from server import db, tracing, transport
+from server import db, tracing, transport, wire
 from server.audit.writer import AuditWriter
 from server.auth.throttle import FailedAuthThrottle
 from server.cached_scoring import open_caches
@@ -105,6 +105,7 @@ class CredScopeServer:
             await self.audit.start()  # applies the migrations; spools (and says so) if the database is down
         await self.server.start()
         scorer = await asyncio.to_thread(self.runtime.load)
+        await asyncio.to_thread(wire.warm)  # the first BatchScore of a worker does not compile them
         await self._start_challenger()
         await self._log_cache()
         # SERVING from here on unless the model is gone or nothing can record audits (server/readiness.py)

@@ -164,3 +164,11 @@ def test_encoded_results_at_large_indexes() -> None:
     assert msg.results[996].prediction.from_cache and not msg.results[998].prediction.from_cache
     with pytest.raises(ValueError, match=">= 0"):
         encode_results([-1], [0.5], [1], [1], [0.5], [False], "v", "r")
+
+
+def test_warm_compiles_both_passes() -> None:
+    """``warm`` (run before a worker reports SERVING) leaves both compiled passes ready."""
+    from server import wire
+
+    wire.warm()
+    assert wire._decode.signatures and wire._encode_results.signatures
