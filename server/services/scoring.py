@@ -254,7 +254,8 @@ class ScoringService(scoring_pb2_grpc.ScoringServiceServicer):
             self._explain(scorer, subset) if top_k is not None else self._reasons(scorer, subset)) if want else None
         filled: list[scoring_pb2.Prediction] = []
         try:
-            if top_k is None:  # the results encoded for the wire at once; the adverse rows' reasons added below
+            if top_k is None and all(r.model_version == scorer.version for r in scored):
+                # the results encoded for the wire at once (one model version); the adverse rows' reasons below
                 response.MergeFromString(_results_bytes(n, positions, pairs, bad, request_id, scorer.version))
             else:  # explanations to fill in on every row: the messages one by one
                 filled = _fill_results(response, n, positions, pairs, bad, request_id)
