@@ -170,8 +170,18 @@ def test_batch_matches_single_scores(client: CredScopeClient) -> None:
     apps = [applicant(ext_source_2=float(x), amt_credit=float(c))
             for x, c in zip(rng.uniform(0, 1, 50), rng.uniform(1e5, 1e6, 50), strict=True)]
     batch = client.batch_score(apps)
+    adverse = 0
     for a, res in zip(apps, batch.results, strict=True):
-        assert res.prediction.default_probability == pytest.approx(client.score(a).default_probability, abs=1e-7)
+        single = client.score(a)
+        pred = res.prediction
+        assert pred.default_probability == pytest.approx(single.default_probability, abs=1e-7)
+        assert (pred.decision, pred.risk_level, pred.model_version) == (
+            single.decision, single.risk_level, single.model_version)
+        assert pred.confidence == pytest.approx(single.confidence, abs=1e-7)
+        assert [r.code for r in pred.reasons] == [r.code for r in single.reasons]  # adverse decisions' reasons
+        assert [r.text for r in pred.reasons] == [r.text for r in single.reasons]
+        adverse += bool(pred.reasons)
+    assert adverse  # (the test needs a few adverse decisions to mean anything)
 
 
 def test_batch_limits(client: CredScopeClient) -> None:
