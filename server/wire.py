@@ -268,7 +268,8 @@ def _encode_results(results_field: int, index: np.ndarray, probability: np.ndarr
     """BatchScoreResponse.results entries (tag, length, BatchScoreResult{index, prediction}) of each row."""
     n = len(index)
     digits = np.empty(20, dtype=np.uint8)
-    out = np.empty(n * (64 + len(version) + len(prefix)), dtype=np.uint8)
+    # Per row at most: 5 tags, 3 one-byte enum/bool values, 2 doubles, 6 varints of up to 10 bytes, 20 digits.
+    out = np.empty(n * (100 + len(version) + len(prefix)), dtype=np.uint8)
     pos = 0
     for k in range(n):
         i = index[k]
@@ -326,12 +327,20 @@ def encode_results(positions: Sequence[int], probability: Sequence[float], decis
     enum numbers. ~0.1 ms for 1,000 rows instead of ~1.2 ms (in the server, 2-3 ms) one message at a time."""
     if not len(positions):
         return b""
-    if min(positions) < 0:
-        raise ValueError("positions must be >= 0")
+    index = np.asarray(positions, dtype=np.int64)
+    decisions = np.asarray(decision, dtype=np.int64)
+    risks = np.asarray(risk_level, dtype=np.int64)
+    if index.min() < 0 or index.max() >= 2**32:
+        raise ValueError("positions must be uint32 values")
+    if min(decisions.min(), risks.min()) < 0 or max(decisions.max(), risks.max()) >= 0x80:
+        raise ValueError("decision and risk_level must be enum numbers (0-127)")
+    probabilities = np.asarray(probability, dtype=np.float64)
+    confidences = np.asarray(confidence, dtype=np.float64)
+    hits = np.asarray(from_cache, dtype=np.bool_)
+    if any(len(c) != len(index) for c in (decisions, risks, probabilities, confidences, hits)):
+        raise ValueError("every column needs one value per position")  # (the compiled pass does not check)
     return _encode_results(
-        _RESULTS, np.asarray(positions, dtype=np.int64), np.asarray(probability, dtype=np.float64),
-        np.asarray(decision, dtype=np.int64), np.asarray(risk_level, dtype=np.int64),
-        np.asarray(confidence, dtype=np.float64), np.asarray(from_cache, dtype=np.bool_),
+        _RESULTS, index, probabilities, decisions, risks, confidences, hits,
         np.frombuffer(model_version.encode(), dtype=np.uint8), np.frombuffer(f"{request_id}/".encode(), dtype=np.uint8),
     ).tobytes()
 

@@ -162,8 +162,16 @@ def test_encoded_results_at_large_indexes() -> None:
     assert msg.results[998].prediction.default_probability == 0.998
     assert msg.results[999].error.message == "applicant 999 has 1 invalid field(s)"
     assert msg.results[996].prediction.from_cache and not msg.results[998].prediction.from_cache
-    with pytest.raises(ValueError, match=">= 0"):
+    with pytest.raises(ValueError, match="uint32"):
         encode_results([-1], [0.5], [1], [1], [0.5], [False], "v", "r")
+    with pytest.raises(ValueError, match="one value per position"):
+        encode_results([0, 1], [0.5], [1, 1], [1, 1], [0.5, 0.5], [False, False], "v", "r")
+    with pytest.raises(ValueError, match="enum numbers"):
+        encode_results([0], [0.5], [1], [300], [0.5], [False], "v", "r")
+    big = encode_results([2**32 - 1], [0.5], [3], [5], [0.25], [True], "v" * 300, "r" * 128)
+    one = scoring_pb2.BatchScoreResponse.FromString(big).results[0]
+    assert one.index == 2**32 - 1 and one.prediction.request_id == "r" * 128 + f"/{2**32 - 1}"
+    assert one.prediction.model_version == "v" * 300 and one.prediction.from_cache
 
 
 def test_warm_compiles_both_passes() -> None:
