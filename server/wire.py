@@ -268,7 +268,8 @@ def _encode_results(results_field: int, index: np.ndarray, probability: np.ndarr
     """BatchScoreResponse.results entries (tag, length, BatchScoreResult{index, prediction}) of each row."""
     n = len(index)
     digits = np.empty(20, dtype=np.uint8)
-    # Per row at most: 5 tags, 3 one-byte enum/bool values, 2 doubles, 6 varints of up to 10 bytes, 20 digits.
+    # Per row at most 84 bytes besides them: 10 tags, 3 one-byte values, 2 doubles, an index varint (5), four
+    # length varints (10 each), 10 digits.
     out = np.empty(n * (100 + len(version) + len(prefix)), dtype=np.uint8)
     pos = 0
     for k in range(n):

@@ -13,10 +13,11 @@ import textwrap
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from server.audit.process import ProcessAuditStore, pack_entries, unpack_entries
-from server.audit.records import AuditEntry, iso_utc
+from server.audit.records import AuditEntry, PredictionBatch, iso_utc
 from server.audit.store import AuditStoreError, to_rows
 from server.audit.writer import AuditWriter
 from server.settings import AuditSettings
@@ -83,19 +84,23 @@ def test_a_batch_shaped_by_column_gives_the_rows_of_its_records() -> None:
 
 
 async def test_rows_written_by_the_child_equal_the_in_process_ones(tmp_path: Path) -> None:
-    """The same entries written in a thread of this process and by the child give the same rows."""
+    """The same entries written in a thread of this process and by the child give the same rows (the child
+    shapes a batch's rows by column; the in-process store is given its records, one by one)."""
     expl = [("EXT_SOURCE_MEAN", 0.25, -0.5), ("PAYMENT_RATE", float("inf"), 0.125), ("AGE", None, 0.0625)]
     entries = [make_entry(i, predictions=1 + i % 3, explanation=expl if i % 2 else None, columns=i % 4 == 2)
                for i in range(20)]
     tables = ("predictions", "shap_explanations", "api_usage")
     rows = {}
-    for process in (True, False):  # (the child first: the in-process store expands the batches it is given)
+    by_record = [AuditEntry(e.created_at, e.usage, [*e.predictions, *(e.batch.records() if e.batch else [])],
+                            e.client_name) for e in entries]
+    assert any(e.batch for e in entries)
+    for process in (True, False):
         url = f"sqlite:///{tmp_path / f'audit-{process}.db'}"
         from server.audit.store import open_store
 
         store = open_store(url, process=process)
         await store.open()
-        await store.write(entries)
+        await store.write(entries if process else by_record)
         await store.close()
         rows[process] = {t: await fetch(url, f"SELECT * FROM {t} ORDER BY 1, 2") for t in tables}
     assert rows[True] == rows[False]
@@ -242,3 +247,32 @@ async def test_the_child_runs_at_the_niceness_asked(tmp_path: Path) -> None:
         assert os.getpriority(os.PRIO_PROCESS, store.pid) == os.getpriority(os.PRIO_PROCESS, 0) + 7
     finally:
         await store.close()
+
+
+@pytest.mark.parametrize("process", [True, False])
+async def test_a_batch_that_cannot_be_shaped_is_set_aside_and_the_rest_written(tmp_path: Path, process: bool) -> None:
+    """A batch whose columns disagree (no serving path builds one: ``PredictionBatch`` refuses it when built)
+    is refused as invalid, set aside in a rejected file even though it cannot be encoded for it, and does not
+    stop the writer: the calls around it are written."""
+    with pytest.raises(ValueError, match="different lengths"):
+        PredictionBatch("x", [0, 1], np.zeros((2, 3)), [0.1], ["APPROVE"] * 2, ["LOW"] * 2, [0.5] * 2, "v", 1.0,
+                        [False] * 2, [None] * 2)
+    url = sqlite_url(tmp_path)
+    settings = AuditSettings(url=url, spool_dir=tmp_path / "spool", batch_size=50, flush_seconds=0.02,
+                             retry_seconds=0.1, store_process=process)
+    writer = AuditWriter(settings)
+    await writer.start()
+    try:
+        bad = make_entry(1, predictions=3, columns=True)
+        assert bad.batch is not None
+        bad.batch.decision = bad.batch.decision[:-1]  # (changed after it was built)
+        for entry in (make_entry(0), bad, make_entry(2, predictions=4, columns=True)):
+            await writer.record(entry)
+        await writer.flush()
+    finally:
+        await writer.close()
+    assert writer.counters.entries_rejected == 1
+    assert await fetch(url, "SELECT request_id FROM api_usage ORDER BY 1") == [("req-0",), ("req-2",)]
+    assert await fetch(url, "SELECT count(*) FROM predictions") == [(1 + 4,)]
+    rejected = list((tmp_path / "spool").glob("rejected-*"))
+    assert len(rejected) == 1 and b"req-1" in rejected[0].read_bytes()

@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import math
 import struct
+import subprocess
+import sys
+import textwrap
 
 import numpy as np
 import pytest
@@ -20,6 +23,7 @@ from server.schema import COLUMNS
 from server.scoring import ScoreResult
 from server.services.scoring import _fill_results, _results_bytes
 from server.wire import decode_applicants, encode_results
+from tests.helpers import ROOT
 from tests.test_api import applicant
 from tests.test_fuzz import applicants
 
@@ -175,8 +179,23 @@ def test_encoded_results_at_large_indexes() -> None:
 
 
 def test_warm_compiles_both_passes() -> None:
-    """``warm`` (run before a worker reports SERVING) leaves both compiled passes ready."""
-    from server import wire
+    """``warm`` (run before a worker reports SERVING) leaves both compiled passes ready for the signatures
+    BatchScore calls them with (a fresh interpreter: here they are compiled already)."""
+    code = textwrap.dedent("""
+        from server import wire
+        from tests.test_wire import _encoded_once
+        assert not wire._decode.signatures and not wire._encode_results.signatures
+        wire.warm()
+        signatures = (len(wire._decode.signatures), len(wire._encode_results.signatures))
+        _encoded_once()
+        assert (len(wire._decode.signatures), len(wire._encode_results.signatures)) == signatures == (1, 1)
+    """)
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, timeout=120)
 
-    wire.warm()
-    assert wire._decode.signatures and wire._encode_results.signatures
+
+def _encoded_once() -> None:
+    """A BatchScore's decode and encode, as the service calls them."""
+    request = scoring_pb2.BatchScoreRequest(applicants=[applicant()])
+    encoded, positions, bad = decode_applicants(request)
+    pairs = [(ScoreResult(0.5, "REVIEW", "MEDIUM", 0.5, "v"), False)]
+    _results_bytes(1, positions, pairs, bad, "r", "v")

@@ -103,7 +103,10 @@ class PostgresAuditStore:
         await self._with_conn(lambda conn: conn.fetchval("SELECT 1"))
 
     async def write(self, entries: Sequence[AuditEntry]) -> None:
-        rows = await asyncio.to_thread(lambda: to_rows(entries, yielding=self.yielding))  # off the event loop
+        try:
+            rows = await asyncio.to_thread(lambda: to_rows(entries, yielding=self.yielding))  # off the event loop
+        except (ValueError, TypeError) as e:  # about the data, not the database: set aside, not retried
+            raise AuditStoreError(f"the audit rows cannot be shaped: {type(e).__name__}: {e}", permanent=True) from e
         tables = (("predictions", rows.predictions), ("shap_explanations", rows.shap), ("api_usage", rows.usage))
 
         async def write(conn: asyncpg.Connection) -> None:

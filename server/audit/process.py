@@ -300,7 +300,12 @@ async def _serve(reader: asyncio.StreamReader, out: Any) -> int:
                 closing.set()
                 result = None
             elif method == "write":
-                result = await store.write(unpack_entries(args[0]))
+                try:
+                    entries = unpack_entries(args[0])
+                except (ValueError, TypeError) as e:  # about the data: refused, not an outage (not retried)
+                    raise AuditStoreError(f"the audit entries cannot be read: {type(e).__name__}: {e}",
+                                          permanent=True) from e
+                result = await store.write(entries)
             elif method in METHODS:
                 result = await getattr(store, method)(*args)
             else:

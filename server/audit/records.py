@@ -83,6 +83,13 @@ class PredictionBatch:
     reason_codes: Sequence[list[str] | None]
     explanation: Sequence[list[Contribution] | None] | None = None
 
+    def __post_init__(self) -> None:
+        n = len(self.positions)
+        columns = (self.rows, self.probability, self.decision, self.risk_level, self.confidence, self.from_cache,
+                   self.reason_codes, *(() if self.explanation is None else (self.explanation,)))
+        if any(len(c) != n for c in columns):
+            raise ValueError(f"prediction batch {self.request_id}: columns of different lengths")
+
     def __len__(self) -> int:
         return len(self.positions)
 

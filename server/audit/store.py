@@ -188,8 +188,9 @@ def yield_gil() -> None:
     loop was serving waited that long: the audit batches showed as the p99 latency of Score.
 
     It costs: ``time.sleep(0)`` takes ~40 us of CPU and ~100 us here (a BatchScore of 1,000 rows yields ~32
-    times), so a store that serves no event loop of its own (the audit child process) passes
-    ``yielding=False`` (``os.sched_yield`` is cheap but does not reliably let the waiting thread in)."""
+    times), so the audit child process's store, whose event loop only answers the worker's calls (a read there
+    may wait a few ms for the GIL), passes ``yielding=False`` (``os.sched_yield`` is cheap but does not reliably
+    let the waiting thread in)."""
     time.sleep(0)
 
 

@@ -20,6 +20,7 @@ the spool when the database is down, replay when it returns, and a drain at shut
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from collections import deque
 from collections.abc import Sequence
@@ -318,8 +319,13 @@ class AuditWriter:
         self._count(1, sum(e.weight for e in entries))
 
     def _reject(self, entry: AuditEntry) -> Path:
-        """Set aside an entry the database refuses (in a thread: encoding it is the work)."""
-        return self.spool.reject(entries_to_json([entry]))
+        """Set aside an entry the database refuses (in a thread: encoding it is the work). One that cannot even
+        be encoded is kept as text, so that it does not stop the writer (it would be retried forever)."""
+        try:
+            payload = entries_to_json([entry])
+        except Exception as e:  # noqa: BLE001 - any failure to encode: keep what can be kept
+            payload = json.dumps({"unencodable": f"{type(e).__name__}: {e}", "entry": repr(entry)}).encode()
+        return self.spool.reject(payload)
 
     def _count(self, transactions: int, rows: int) -> None:
         self._db_ok = True

@@ -88,6 +88,8 @@ def _results_bytes(n: int, positions: list[int], pairs: list[tuple[ScoreResult, 
                    bad: list[tuple[int, list[Violation]]], request_id: str, version: str) -> bytes:
     """A BatchScore's ``results``, serialized in request order: each scored applicant's prediction (request
     id ``{request_id}/{i}``) encoded by :func:`server.wire.encode_results`, each refused one's error."""
+    if len(pairs) != len(positions):
+        raise ValueError(f"{len(pairs)} results for {len(positions)} scored applicants")
     probability: Sequence[float] = ()
     confidence: Sequence[float] = ()
     decisions: list[int] = []
@@ -277,7 +279,7 @@ class ScoringService(scoring_pb2_grpc.ScoringServiceServicer):
                 codes[j] = adverse_codes(results[positions[j]].prediction.reasons, scorer, scored[j], value)
         response.timestamp.CopyFrom(timestamp(time.time()))
         response.processing_time_ms = (time.perf_counter() - started) * 1000.0
-        if valid:  # the audit records, by column (expanded off the serving path)
+        if valid:  # the audit records, by column (shaped into rows off the serving path)
             probability, decision, risk_level, confidence, _ = zip(*scored, strict=True)
             audit_batch(PredictionBatch(
                 request_id, positions, encoded, probability, decision, risk_level, confidence, scorer.version,
