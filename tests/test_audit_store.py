@@ -143,6 +143,35 @@ async def test_write_records_every_row_once(store: Any, url: str) -> None:
     assert abs(created.timestamp() - entries[3].created_at) < 1e-3
 
 
+async def test_a_batch_by_column_is_stored_as_its_records(store: Any, url: str) -> None:
+    """A BatchScore's records held by column (``PredictionBatch``) leave the same rows, in every store and in the
+    child process, as the same records one by one: inputs with missing values, explanations with missing and
+    infinite values, reason codes, cache hits; a replay of the batch adds nothing."""
+    expl = [("EXT_SOURCE_3", 0.5, -0.4), ("AMT_CREDIT", None, 0.2), ("PAYMENT_RATE", float("inf"), 0.1)]
+    at = 1_700_000_000.25
+    by_column = [make_entry(i, prefix="col", predictions=4, explanation=expl if i % 2 else None, columns=True,
+                            created_at=at, from_cache=i == 2) for i in range(3)]
+    by_record = [make_entry(i, prefix="rec", predictions=4, explanation=expl if i % 2 else None, created_at=at,
+                            from_cache=i == 2) for i in range(3)]
+    for col, rec in zip(by_column, by_record, strict=True):
+        assert col.batch is not None
+        col.batch.reason_codes = [["R1", "R2"], None, [], None]  # type: ignore[assignment]
+        for p, codes in zip(rec.predictions, col.batch.reason_codes, strict=True):
+            p.reason_codes = codes
+    await store.write(by_column)
+    await store.write(by_column[1:])  # replayed: nothing new
+    await store.write(by_record)
+
+    async def rows(table: str, prefix: str) -> list[tuple[Any, ...]]:
+        found = await fetch(url, f"SELECT * FROM {table} WHERE request_id LIKE '{prefix}-%' ORDER BY 1, 2")
+        return [tuple(v.replace(prefix, "x", 1) if isinstance(v, str) and v.startswith(prefix) else v for v in r)
+                for r in found]
+
+    for table in ("predictions", "shap_explanations", "api_usage"):
+        assert await rows(table, "col") == await rows(table, "rec"), table
+    assert len(await rows("predictions", "col")) == 12 and len(await rows("shap_explanations", "col")) == 12
+
+
 async def test_invalid_rows_are_refused_as_permanent(store: Any, url: str) -> None:
     with pytest.raises(AuditStoreError) as e:
         await store.write([make_entry(1), make_entry(2, decision="MAYBE")])
