@@ -42,6 +42,8 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
+from server.redis_packing import hiredis_packing
+
 log = logging.getLogger("credscope.cache")
 
 T = TypeVar("T")
@@ -308,9 +310,9 @@ class RedisLink:
         self.admin_timeout = max(admin_timeout, timeout)
         self.retry_seconds = retry_seconds
         self._clock = clock
-        self.client = aioredis.Redis.from_url(
+        self.client = hiredis_packing(aioredis.Redis.from_url(
             url, socket_timeout=timeout, socket_connect_timeout=timeout, retry=Retry(NoBackoff(), 1),
-            decode_responses=False, client_name="credscope")
+            decode_responses=False, client_name="credscope"))
         self.mset_px = self.client.register_script(MSET_PX)
         self._retry_at: float | None = None  # None: circuit closed
         self._epoch = 0  # bumped when the circuit opens; a call that started before cannot close it

@@ -29,6 +29,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
 from server.ratelimit.buckets import BucketStoreError, Decision
+from server.redis_packing import hiredis_packing
 
 TAKE_LUA = """
 -- KEYS: the buckets. ARGV[1]: now (s; '' = Redis TIME); then per bucket: capacity, period (s), cost.
@@ -91,8 +92,9 @@ class RedisBucketStore:
         self.prefix = prefix
         self.clock = clock
         self.timeout = timeout
-        self.redis = aioredis.Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout,
-                                             retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)))
+        self.redis = hiredis_packing(aioredis.Redis.from_url(
+            url, socket_timeout=timeout, socket_connect_timeout=timeout,
+            retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,))))
         self._script = self.redis.register_script(TAKE_LUA)
         self._pending: list[_Pending] = []
         self._scheduled = False
