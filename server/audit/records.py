@@ -84,6 +84,11 @@ class PredictionBatch:
     explanation: Sequence[list[Contribution] | None] | None = None
 
     def __post_init__(self) -> None:
+        self.check()
+
+    def check(self) -> None:
+        """Raise ValueError unless every column holds one value per position (when built, and before its rows
+        are shaped: a column may have been replaced since)."""
         n = len(self.positions)
         columns = (self.rows, self.probability, self.decision, self.risk_level, self.confidence, self.from_cache,
                    self.reason_codes, *(() if self.explanation is None else (self.explanation,)))

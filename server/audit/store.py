@@ -227,11 +227,8 @@ def to_rows(entries: Sequence[AuditEntry], *, yielding: bool = False,
 def _batch_rows(b: PredictionBatch, e: AuditEntry, created: Any, preds: dict[str, tuple[Any, ...]],
                 shap: dict[tuple[str, int], tuple[Any, ...]]) -> None:
     """The rows of a batch's records, column by column: what ``to_rows`` makes of ``b.records()``."""
+    b.check()  # (zip below does not: repeat() never ends)
     ids = b.request_ids()
-    columns = (b.probability, b.decision, b.risk_level, b.confidence, b.from_cache, b.reason_codes)
-    if any(len(c) != len(ids) for c in columns) or len(b.rows) != len(ids) or (
-            b.explanation is not None and len(b.explanation) != len(ids)):
-        raise ValueError(f"prediction batch {b.request_id}: columns of different lengths")
     u = e.usage
     codes = [None if c is None else json.dumps(c) for c in b.reason_codes]
     for row in zip(ids, repeat(created), repeat(u.key_id), repeat(e.client_name), repeat(u.method),
