@@ -218,7 +218,6 @@ def decode_applicants(request: scoring_pb2.BatchScoreRequest
     return out[positions], positions, bad
 
 
-
 # --- BatchScore's results, encoded for the wire ------------------------------------------------------------
 
 _RESULTS = scoring_pb2.BatchScoreResponse.DESCRIPTOR.fields_by_name["results"].number
@@ -252,12 +251,10 @@ def _varint_size(value: int) -> int:  # pragma: no cover - compiled
 
 
 @njit(nogil=True, cache=True)
-def _put_double(out: np.ndarray, pos: int, value: float) -> int:  # pragma: no cover - compiled
-    bits = np.empty(1, dtype=np.float64)
-    bits[0] = value
-    raw = bits.view(np.uint8)
+def _put_double(out: np.ndarray, pos: int, raw: np.ndarray, k: int) -> int:  # pragma: no cover - compiled
+    """Copy double ``k`` of ``raw`` (a float64 array's little-endian bytes, ``[n, 8]`` uint8) to ``out``."""
     for b in range(8):
-        out[pos + b] = raw[b]
+        out[pos + b] = raw[k, b]
     return pos + 8
 
 
@@ -265,7 +262,8 @@ def _put_double(out: np.ndarray, pos: int, value: float) -> int:  # pragma: no c
 def _encode_results(results_field: int, index: np.ndarray, probability: np.ndarray, decision: np.ndarray,
                     risk: np.ndarray, confidence: np.ndarray, from_cache: np.ndarray, version: np.ndarray,
                     prefix: np.ndarray) -> np.ndarray:  # pragma: no cover - compiled
-    """BatchScoreResponse.results entries (tag, length, BatchScoreResult{index, prediction}) of each row."""
+    """BatchScoreResponse.results entries (tag, length, BatchScoreResult{index, prediction}) of each row
+    (``probability`` and ``confidence``: the doubles' bytes, ``[n, 8]`` uint8)."""
     n = len(index)
     digits = np.empty(20, dtype=np.uint8)
     # Per row at most 84 bytes besides them: 10 tags, 3 one-byte values, 2 doubles, an index varint (5), four
@@ -294,13 +292,13 @@ def _encode_results(results_field: int, index: np.ndarray, probability: np.ndarr
         out[pos] = 0x12  # prediction
         pos = _put_varint(out, pos + 1, pred)
         out[pos] = 0x09  # default_probability (fixed64)
-        pos = _put_double(out, pos + 1, probability[k])
+        pos = _put_double(out, pos + 1, probability, k)
         out[pos] = 0x10  # decision
         pos = _put_varint(out, pos + 1, decision[k])
         out[pos] = 0x18  # risk_level
         pos = _put_varint(out, pos + 1, risk[k])
         out[pos] = 0x21  # confidence (fixed64)
-        pos = _put_double(out, pos + 1, confidence[k])
+        pos = _put_double(out, pos + 1, confidence, k)
         out[pos] = 0x2A  # model_version
         pos = _put_varint(out, pos + 1, len(version))
         out[pos:pos + len(version)] = version
@@ -335,13 +333,14 @@ def encode_results(positions: Sequence[int], probability: Sequence[float], decis
         raise ValueError("positions must be uint32 values")
     if min(decisions.min(), risks.min()) < 0 or max(decisions.max(), risks.max()) >= 0x80:
         raise ValueError("decision and risk_level must be enum numbers (0-127)")
-    probabilities = np.asarray(probability, dtype=np.float64)
-    confidences = np.asarray(confidence, dtype=np.float64)
+    probabilities = np.ascontiguousarray(probability, dtype="<f8")
+    confidences = np.ascontiguousarray(confidence, dtype="<f8")
     hits = np.asarray(from_cache, dtype=np.bool_)
     if any(len(c) != len(index) for c in (decisions, risks, probabilities, confidences, hits)):
         raise ValueError("every column needs one value per position")  # (the compiled pass does not check)
     return _encode_results(
-        _RESULTS, index, probabilities, decisions, risks, confidences, hits,
+        _RESULTS, index, probabilities.view(np.uint8).reshape(-1, 8), decisions, risks,
+        confidences.view(np.uint8).reshape(-1, 8), hits,
         np.frombuffer(model_version.encode(), dtype=np.uint8), np.frombuffer(f"{request_id}/".encode(), dtype=np.uint8),
     ).tobytes()
 
