@@ -148,7 +148,8 @@ def open_store(url: str, *, timeout: float = 5.0, pool_size: int = 4, process: b
     """The store for a URL (not yet opened); ``process``: run it in a child process
     (:class:`server.audit.process.ProcessAuditStore`, at CPU priority ``nice``). ``yielding``: the store's
     writer thread shares its process with a serving event loop and hands the GIL back as it shapes and
-    binds rows (see :func:`yield_gil`); the child process's store, alone with its interpreter, does not."""
+    binds rows (see :func:`yield_gil`); the child process's store, whose loop only answers the worker's
+    calls, does not."""
     if process:
         from server.audit.process import ProcessAuditStore
 
